@@ -1,0 +1,122 @@
+"""The model manifest (``model.json``): the contract between the build step and the server.
+
+``build_engines.py`` writes one beside each ONNX file through :class:`Manifest` (so a manifest that
+does not validate is never written) and the server reads it back the same way. The server trusts
+the manifest and never guesses: preprocessing, labels, cost and provenance all come from here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MANIFEST_FILE = "model.json"
+SCHEMA_VERSION = 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PreprocessingSpec(_Strict):
+    resize: int = Field(gt=0, description="shorter side after resizing, pixels")
+    crop: int = Field(gt=0, description="side of the square center crop, pixels")
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
+    color: Literal["RGB"] = "RGB"
+    layout: Literal["NCHW"] = "NCHW"
+    scale: str = "0..1 then (x - mean) / std"
+
+
+class TensorSpec(_Strict):
+    name: str
+    shape: list[int | str]  # a string names a dynamic axis ("batch")
+    dtype: Literal["float32", "float16"] = "float32"
+
+
+class WeightsProvenance(_Strict):
+    source: Literal["imagenet", "file", "random"]
+    url: str | None = None
+    path: str | None = None
+    sha256: str | None = None
+    note: str = ""
+
+
+class OnnxFile(_Strict):
+    file: str = "model.onnx"
+    sha256: str
+    bytes: int
+    opset: int
+
+
+class PrecisionVariant(_Strict):
+    """A reduced-precision ONNX beside the fp32 one, and how closely it agrees with fp32."""
+
+    precision: Literal["fp16", "int8"]
+    onnx: OnnxFile
+    top1_agreement: float | None = None
+    max_abs_logit_diff: float | None = None
+    mean_abs_logit_diff: float | None = None
+    calibration: str | None = None
+
+
+class Engine(_Strict):
+    """A TensorRT engine built from this model on one kind of GPU."""
+
+    file: str
+    precision: Literal["fp32", "fp16", "int8"]
+    tensorrt_version: str
+    device_name: str
+    compute_capability: str
+    min_batch: int
+    opt_batch: int
+    max_batch: int
+    dla_core: int | None = None
+    sha256: str
+
+
+class Manifest(_Strict):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    name: str = Field(description="name the model is served under, e.g. mobilenet_v1")
+    variant: str = Field(description="full variant name, e.g. mobilenet_v1_1.0_224")
+    family: Literal["mobilenet_v1", "mobilenet_v2", "shufflenet_v1", "shufflenet_v2"]
+    knobs: dict[str, float | int]
+    input_size: int
+    input: TensorSpec
+    output: TensorSpec
+    preprocessing: PreprocessingSpec
+    flops: int = Field(description="multiply-adds per image, conv and FC layers")
+    params: int
+    memory_access_cost: int = Field(description="elements read + written per image, conv and FC layers")
+    fp32_bytes: int
+    weights: WeightsProvenance
+    labels: list[str]
+    onnx: OnnxFile
+    parity_max_abs_diff: float = Field(description="max |ONNX Runtime - PyTorch| on random input")
+    tools: dict[str, str]
+    created_at: str
+    precisions: list[PrecisionVariant] = []
+    engines: list[Engine] = []
+
+    @classmethod
+    def load(cls, model_dir: Path) -> Manifest:
+        return cls.model_validate_json((Path(model_dir) / MANIFEST_FILE).read_text(encoding="utf-8"))
+
+    def save(self, model_dir: Path) -> Path:
+        path = Path(model_dir) / MANIFEST_FILE
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(self.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        tmp.replace(path)
+        return path
+
+
+def sha256_of(path: Path, chunk_bytes: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
