@@ -1,0 +1,60 @@
+"""Every error the API returns, as one exception type with its status code and error code.
+
+Routes and lower layers raise these; one exception handler turns them into
+``{"error": {"code": ..., "message": ...}}`` (DESIGN.md, Serving API).
+"""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    status_code: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+    def to_body(self) -> dict:
+        return {"error": {"code": self.code, "message": self.message}}
+
+
+class InvalidImage(ServiceError):
+    status_code, code = 400, "invalid_image"
+
+
+class UnknownModel(ServiceError):
+    status_code, code = 404, "unknown_model"
+
+
+class PayloadTooLarge(ServiceError):
+    status_code, code = 413, "payload_too_large"
+
+
+class ImageTooLarge(ServiceError):
+    status_code, code = 413, "image_too_large"
+
+
+class UnsupportedMediaType(ServiceError):
+    status_code, code = 415, "unsupported_media_type"
+
+
+class InvalidParameter(ServiceError):
+    status_code, code = 422, "invalid_parameter"
+
+
+class Overloaded(ServiceError):
+    status_code, code = 429, "overloaded"
+
+
+class InternalError(ServiceError):
+    status_code, code = 500, "internal_error"
+
+
+class ModelUnavailable(ServiceError):
+    status_code, code = 503, "model_unavailable"
+
+
+class RequestTimeout(ServiceError):
+    status_code, code = 504, "timeout"
