@@ -8,10 +8,15 @@ set: the models the server was configured with, plus ``_unknown`` for anything e
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 UNKNOWN_MODEL = "_unknown"
+
+# One ``*_created`` series per labelled child would nearly double every scrape, and nothing reads
+# them: rate() detects counter resets from the values themselves.
+disable_created_metrics()
 
 # Sub-millisecond to seconds: a batch-1 ShuffleNet runs in ~1 ms on a desktop core, a loaded queue
 # can hold a request for a second or two.
@@ -131,17 +136,17 @@ class Metrics:
             ["model", "family", "backend", "precision", "weights", "input_size"],
             registry=r,
         )
+        # Children resolved once per label set: ``.labels()`` takes a lock and builds a tuple on every
+        # call, which the request path need not pay.
+        self._per_model: dict[str, _ModelChildren] = {}
+        self._requests_by_code: dict[tuple[str, int], Counter] = {}
+        self._inference_by_backend: dict[tuple[str, str], Histogram] = {}
+        self._info_labels: dict[str, tuple[str, ...]] = {}
         for model in self.known_models:
             # Labelled series exist only once touched: create them so dashboards see every model at 0.
+            # ``_unknown`` is left to appear when a client first misspells a name.
+            self._children(model)
             self.model_ready.labels(model).set(0)
-            self.images.labels(model)
-            for histogram in (
-                self.request_duration,
-                self.decode_duration,
-                self.queue_duration,
-                self.batch_size,
-            ):
-                histogram.labels(model)
 
     def label(self, model: str | None) -> str:
         return model if model in self.known_models else UNKNOWN_MODEL
@@ -165,7 +170,16 @@ class Metrics:
         self.model_parameters.labels(model).set(params)
         self.model_memory_access_cost.labels(model).set(memory_access_cost)
         self.model_load_duration.labels(model).set(load_seconds)
-        self.model_info.labels(model, family, backend, precision, weights, str(input_size)).set(1)
+        info = (model, family, backend, precision, weights, str(input_size))
+        previous = self._info_labels.get(model)
+        if previous is not None and previous != info:
+            # A reload onto another backend must not leave the old facts standing beside the new.
+            self.model_info.remove(*previous)
+        self._info_labels[model] = info
+        self.model_info.labels(*info).set(1)
+        if model in self.known_models:
+            # So the inference histogram shows the model before its first batch, under the real backend.
+            self._inference(model, backend)
 
     def set_ready(self, model: str, ready: bool) -> None:
         self.model_ready.labels(model).set(1 if ready else 0)
@@ -177,17 +191,51 @@ class Metrics:
     # --- per request / image / batch ---------------------------------------------------------
     def observe_request(self, model: str | None, status_code: int, seconds: float) -> None:
         model = self.label(model)
-        self.requests.labels(model, str(status_code)).inc()
-        self.request_duration.labels(model).observe(seconds)
+        key = (model, status_code)
+        counter = self._requests_by_code.get(key)
+        if counter is None:
+            # Codes come from the app's own responses, a handful per model: a bounded set.
+            counter = self._requests_by_code[key] = self.requests.labels(model, str(status_code))
+        counter.inc()
+        self._children(model).request_duration.observe(seconds)
 
     def observe_decode(self, model: str, seconds: float) -> None:
-        self.decode_duration.labels(self.label(model)).observe(seconds)
+        self._children(self.label(model)).decode_duration.observe(seconds)
 
     def observe_queue(self, model: str, seconds: float) -> None:
-        self.queue_duration.labels(self.label(model)).observe(seconds)
+        self._children(self.label(model)).queue_duration.observe(seconds)
 
     def observe_batch(self, model: str, backend: str, batch_size: int, seconds: float) -> None:
         model = self.label(model)
-        self.inference_duration.labels(model, backend).observe(seconds)
-        self.batch_size.labels(model).observe(batch_size)
-        self.images.labels(model).inc(batch_size)
+        self._inference(model, backend).observe(seconds)
+        children = self._children(model)
+        children.batch_size.observe(batch_size)
+        children.images.inc(batch_size)
+
+    def _children(self, model: str) -> _ModelChildren:
+        children = self._per_model.get(model)
+        if children is None:
+            children = self._per_model[model] = _ModelChildren(
+                images=self.images.labels(model),
+                request_duration=self.request_duration.labels(model),
+                decode_duration=self.decode_duration.labels(model),
+                queue_duration=self.queue_duration.labels(model),
+                batch_size=self.batch_size.labels(model),
+            )
+        return children
+
+    def _inference(self, model: str, backend: str) -> Histogram:
+        key = (model, backend)
+        child = self._inference_by_backend.get(key)
+        if child is None:
+            child = self._inference_by_backend[key] = self.inference_duration.labels(model, backend)
+        return child
+
+
+@dataclass(frozen=True, slots=True)
+class _ModelChildren:
+    images: Counter
+    request_duration: Histogram
+    decode_duration: Histogram
+    queue_duration: Histogram
+    batch_size: Histogram
