@@ -195,7 +195,7 @@ def _decode(img: ImageFile.ImageFile, resize: int) -> tuple[Image.Image, tuple[i
 
     Returns the image, the full-resolution (width, height) it stands for, and, when the JPEG was
     DCT-scaled, the box of the returned image that holds the picture (the last row and column of
-    a scaled image cover a partial block), which the resize must use to keep the geometry exact.
+    a scaled image cover a partial block), which the resize samples so the geometry matches the full decode.
     """
     full_size = img.size
     box = _draft(img, resize) if isinstance(img, JpegImagePlugin.JpegImageFile) else None
