@@ -1,0 +1,200 @@
+"""The app factory: wires settings, metrics, models, decode pool and routes into one FastAPI app.
+
+Models load in the background once the lifespan starts, so ``/healthz`` answers during the load
+and ``/readyz`` says 503 until every model is ready. Shutdown drains every batcher (queued requests
+are still answered) before the runtimes are released. Every error, FastAPI's own included, leaves
+as ``{"error": {"code": ..., "message": ...}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import parse_qs
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.config import Settings
+from service.errors import InternalError, ServiceError
+from service.logs import request_id_var
+from service.metrics import Metrics
+from service.pipeline import Pipeline
+from service.repository import ModelRepository, RuntimeLoader, configured_models
+from service.routes import router
+from service.runtimes import load_runtime
+
+log = logging.getLogger("service")
+access_log = logging.getLogger("service.access")
+
+CLASSIFY_PATH = "/classify"
+# Codes for the errors Starlette raises itself (unknown route, wrong method, ...).
+_HTTP_ERROR_CODES = {
+    404: "not_found",
+    405: "method_not_allowed",
+    400: "bad_request",
+    413: "payload_too_large",
+}
+_QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # probes and scrapes: debug-level access logs
+_CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+def create_app(settings: Settings, *, runtime_loader: RuntimeLoader = load_runtime) -> FastAPI:
+    """A ready-to-serve app; nothing is loaded until its lifespan starts."""
+    names = configured_models(settings)
+    metrics = Metrics(names)
+    repository = ModelRepository(names, settings, metrics, loader=runtime_loader)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")
+        app.state.pipeline = Pipeline(decode_pool, metrics, max_image_pixels=settings.max_image_pixels)
+        loading = asyncio.create_task(repository.load_all(), name="load-models")
+        try:
+            yield
+        finally:
+            if not loading.done():
+                # The model being loaded finishes in its thread; the ones after it are never started.
+                loading.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await loading
+            await repository.stop(settings.shutdown_grace_s)
+            decode_pool.shutdown(wait=False, cancel_futures=True)
+            log.info("shutdown complete")
+
+    app = FastAPI(
+        title="Efficient-CNN classifier",
+        lifespan=lifespan,
+        # Prometheus is this service's telemetry; FastAPI's own OpenTelemetry hooks stay off.
+        telemetry={"tracing": False, "metrics": False, "logs": False, "auto_configure": False},
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.repository = repository
+    app.include_router(router)
+    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_middleware(RequestContext, metrics=metrics)
+    return app
+
+
+def error_response(error: ServiceError) -> JSONResponse:
+    return JSONResponse(error.to_body(), status_code=error.status_code, headers=error.headers)
+
+
+async def _service_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ServiceError)
+    if exc.status_code >= 500:
+        log.warning(
+            "%s %s -> %d %s: %s", request.method, request.url.path, exc.status_code, exc.code, exc.message
+        )
+    return error_response(exc)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    problems = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error.get("loc", ())[1:]) or "request"
+        given = f" (got {error['input']!r})" if "input" in error and error["input"] is not None else ""
+        problems.append(f"{where}: {error.get('msg', 'invalid')}{given}")
+    body = {"error": {"code": "invalid_parameter", "message": "; ".join(problems) or "invalid request"}}
+    return JSONResponse(body, status_code=422)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = _HTTP_ERROR_CODES.get(
+        exc.status_code, "internal_error" if exc.status_code >= 500 else "http_error"
+    )
+    message = exc.detail if exc.status_code != 404 else f"no route {request.method} {request.url.path}"
+    body = {"error": {"code": code, "message": str(message)}}
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+
+class RequestContext:
+    """Request id, access log, /classify metrics, and the last word on unhandled errors.
+
+    Pure ASGI rather than BaseHTTPMiddleware: it sees the status of every response, FastAPI's
+    validation errors included, without wrapping the body stream.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.monotonic()
+        request_id = _request_id(scope)
+        token = request_id_var.set(request_id)
+        scope.setdefault("state", {})["request_id"] = request_id
+        status = 500
+        response_started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                response_started = True
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            error_id = uuid.uuid4().hex[:12]
+            log.exception("unhandled error (error %s)", error_id)
+            status = 500
+            if not response_started:
+                response = error_response(
+                    InternalError(f"internal error (error {error_id}, request {request_id})")
+                )
+                await response(scope, receive, send_with_id)
+        finally:
+            seconds = time.monotonic() - started
+            path = scope.get("path", "")
+            if path == CLASSIFY_PATH:
+                self.metrics.observe_request(_query_model(scope), status, seconds)
+            access_log.log(
+                logging.DEBUG if path in _QUIET_PATHS else logging.INFO,
+                "%s %s %d %.1f ms",
+                scope.get("method", "?"),
+                path,
+                status,
+                seconds * 1000,
+                extra={
+                    "method": scope.get("method"),
+                    "path": path,
+                    "status": status,
+                    "ms": round(seconds * 1000, 2),
+                },
+            )
+            request_id_var.reset(token)
+
+
+def _request_id(scope: Scope) -> str:
+    for name, value in scope.get("headers", ()):
+        if name == b"x-request-id":
+            candidate = value.decode("latin-1")
+            if _CLIENT_REQUEST_ID.fullmatch(candidate):
+                return candidate
+            break
+    return uuid.uuid4().hex
+
+
+def _query_model(scope: Scope) -> str | None:
+    values = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("model")
+    return values[0] if values else None

@@ -1,0 +1,306 @@
+"""Dynamic batching for one model: a bounded queue in front of a runtime, and one worker task.
+
+Callers see only ``await batcher.submit(tensor, deadline=...)``. The worker takes the first queued
+request, then keeps collecting until the batch holds ``max_batch_size`` requests or
+``max_queue_delay_ms`` have passed since that first request arrived (not since the worker began
+waiting: a request that already waited while the runtime was busy is not made to wait again).
+Requests whose caller has gone or whose deadline has passed are dropped before the runtime sees
+them. The runtime runs in a thread pool, never on the event loop; up to ``max_concurrent_batches``
+batches run at once. One failing batch fails its own requests only.
+
+The batcher knows nothing of HTTP or images: its input is a preprocessed (3, H, W) array.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.errors import InternalError, ModelUnavailable, Overloaded, RequestTimeout
+from service.metrics import Metrics
+from service.runtimes.base import Runtime
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    """One request's share of a batch: its output row and where its time went."""
+
+    output: np.ndarray
+    queue_s: float
+    inference_s: float
+    batch_size: int
+
+
+@dataclass(eq=False, slots=True)
+class _Request:
+    tensor: np.ndarray
+    future: asyncio.Future[BatchResult]
+    enqueued_at: float  # time.monotonic()
+    deadline: float  # time.monotonic(); math.inf for none
+    request_id: str | None
+
+
+class BatchOutputMismatch(RuntimeError):
+    """The runtime returned a different number of rows than it was given."""
+
+
+_STOP = object()  # queued by stop(): everything queued before it is still served
+
+
+class Batcher:
+    """The queue and worker of one model. ``start()`` and ``stop()`` belong to the app's lifespan."""
+
+    def __init__(
+        self,
+        model: str,
+        runtime: Runtime,
+        *,
+        max_batch_size: int,
+        max_queue_delay_ms: float,
+        max_queue_size: int,
+        max_concurrent_batches: int = 1,
+        metrics: Metrics | None = None,
+    ) -> None:
+        if not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be an int >= 1, got {max_batch_size!r}")
+        if max_queue_delay_ms < 0:
+            raise ValueError(f"max_queue_delay_ms must be >= 0, got {max_queue_delay_ms!r}")
+        if max_queue_size < 1:
+            raise ValueError(f"max_queue_size must be >= 1, got {max_queue_size!r}")
+        if max_concurrent_batches < 1:
+            raise ValueError(f"max_concurrent_batches must be >= 1, got {max_concurrent_batches!r}")
+        self.model = model
+        self.runtime = runtime
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_s = max_queue_delay_ms / 1000.0
+        self.max_queue_size = max_queue_size
+        self.max_concurrent_batches = max_concurrent_batches
+        self._metrics = metrics
+        # Unbounded on purpose: submit() enforces max_queue_size, so that stop() can always enqueue _STOP.
+        self._queue: asyncio.Queue[_Request | object] = asyncio.Queue()
+        self._executor: ThreadPoolExecutor | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self._waiting = 0  # requests in the queue; qsize() would also count _STOP
+        # Smoothed seconds per batch, for the Retry-After estimate; seeded with a pessimistic guess.
+        self._batch_seconds = 0.05
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the worker on the running event loop."""
+        if self._worker is not None:
+            raise RuntimeError(f"batcher for {self.model} already started")
+        self._executor = ThreadPoolExecutor(
+            self.max_concurrent_batches, thread_name_prefix=f"infer-{self.model}"
+        )
+        self._slots = asyncio.Semaphore(self.max_concurrent_batches)
+        self._worker = asyncio.create_task(self._work(), name=f"batcher-{self.model}")
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Refuse new work, finish everything already queued, then end the worker.
+
+        After ``grace_s`` seconds whatever is still queued or running is failed with 503.
+        """
+        if self._worker is None or self._closed:
+            self._closed = True
+            return
+        self._closed = True
+        self._queue.put_nowait(_STOP)
+        try:
+            async with asyncio.timeout(grace_s):
+                await asyncio.shield(self._worker)
+        except TimeoutError:
+            log.warning(
+                "%s: batches still running after %.1f s of shutdown, failing them", self.model, grace_s
+            )
+            self._worker.cancel()
+            for task in list(self._running):
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+            await asyncio.gather(*self._running, return_exceptions=True)
+        finally:
+            self._fail_queued(lambda: ModelUnavailable(f"{self.model} is shutting down"))
+            if self._executor is not None:
+                # A runtime call stuck past the grace period cannot be interrupted; do not wait for it.
+                self._executor.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting in the queue (not counting batches already running)."""
+        return self._waiting
+
+    # --- the caller's side ----------------------------------------------------------------------
+    async def submit(
+        self, tensor: np.ndarray, *, deadline: float | None = None, request_id: str | None = None
+    ) -> BatchResult:
+        """Queue one input and wait for its output.
+
+        Raises Overloaded (queue full, with a Retry-After estimate), RequestTimeout (``deadline``, a
+        ``time.monotonic()`` value, passed first), ModelUnavailable (stopping) or InternalError.
+        """
+        if self._closed or self._worker is None:
+            raise ModelUnavailable(f"{self.model} is not accepting requests (shutting down)")
+        depth = self.depth
+        if depth >= self.max_queue_size:
+            retry_after = self._retry_after_s(depth)
+            raise Overloaded(
+                f"{self.model}'s queue is full ({depth} waiting); retry in about {retry_after} s",
+                headers={"Retry-After": str(retry_after)},
+            )
+        now = time.monotonic()
+        request = _Request(
+            tensor=tensor,
+            future=asyncio.get_running_loop().create_future(),
+            enqueued_at=now,
+            deadline=math.inf if deadline is None else deadline,
+            request_id=request_id,
+        )
+        self._queue.put_nowait(request)
+        self._waiting += 1
+        try:
+            async with asyncio.timeout(None if deadline is None else max(0.0, deadline - now)):
+                # Cancelling this await (timeout or a caller that gave up) cancels the future, which
+                # the worker then skips.
+                return await request.future
+        except TimeoutError:
+            raise RequestTimeout(
+                f"{self.model}: request deadline passed after {time.monotonic() - now:.3f} s in the server"
+            ) from None
+
+    def _retry_after_s(self, depth: int) -> int:
+        batches_ahead = depth / self.max_batch_size + 1
+        return max(1, math.ceil(batches_ahead * self._batch_seconds / self.max_concurrent_batches))
+
+    # --- the worker's side ----------------------------------------------------------------------
+    async def _work(self) -> None:
+        assert self._slots is not None
+        stopping = False
+        while not stopping:
+            # Take a slot before collecting, so that while every slot is busy the queue keeps filling
+            # and the next batch leaves with whatever gathered meanwhile.
+            await self._slots.acquire()
+            batch, stopping = await self._collect()
+            if not batch:
+                self._slots.release()
+                continue
+            task = asyncio.create_task(self._execute(batch))
+            self._running.add(task)
+            task.add_done_callback(self._batch_done)
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
+
+    async def _collect(self) -> tuple[list[_Request], bool]:
+        """One batch: the first live request, then more until full or the delay after it has passed."""
+        batch: list[_Request] = []
+        close_at = math.inf
+        while len(batch) < self.max_batch_size:
+            if not batch:
+                item = await self._queue.get()
+            else:
+                try:
+                    item = self._queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    remaining = close_at - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    try:
+                        async with asyncio.timeout(remaining):
+                            item = await self._queue.get()
+                    except TimeoutError:
+                        break
+            if item is _STOP:
+                return batch, True
+            assert isinstance(item, _Request)
+            self._waiting -= 1
+            if item.future.done():  # the caller gave up (cancelled or timed out) while queued
+                continue
+            if not batch:
+                close_at = item.enqueued_at + self.max_queue_delay_s
+            batch.append(item)
+        return batch, False
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        assert self._slots is not None
+        self._slots.release()
+
+    async def _execute(self, batch: list[_Request]) -> None:
+        started = time.monotonic()
+        live = []
+        for request in batch:
+            if request.future.done():
+                continue
+            if request.deadline <= started:
+                waited = started - request.enqueued_at
+                request.future.set_exception(
+                    RequestTimeout(f"{self.model}: request deadline passed after {waited:.3f} s in queue")
+                )
+                continue
+            live.append(request)
+        if not live:
+            return
+        if self._metrics is not None:
+            for request in live:
+                self._metrics.observe_queue(self.model, started - request.enqueued_at)
+        try:
+            inputs = np.stack([request.tensor for request in live])
+            outputs = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self.runtime.run, inputs
+            )
+            if len(outputs) != len(live):
+                raise BatchOutputMismatch(f"runtime returned {len(outputs)} rows for a batch of {len(live)}")
+        except asyncio.CancelledError:
+            self._fail(live, lambda: ModelUnavailable(f"{self.model} is shutting down"))
+            raise
+        except Exception:
+            error_id = uuid.uuid4().hex[:12]
+            log.exception(
+                "%s: batch of %d failed (error %s; requests %s)",
+                self.model,
+                len(live),
+                error_id,
+                ", ".join(request.request_id or "-" for request in live),
+            )
+            self._fail(live, lambda: InternalError(f"inference failed (error {error_id})"))
+            return
+        inference_s = time.monotonic() - started
+        self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * inference_s
+        if self._metrics is not None:
+            self._metrics.observe_batch(self.model, self.runtime.name, len(live), inference_s)
+        for request, output in zip(live, outputs, strict=True):
+            if not request.future.done():
+                request.future.set_result(
+                    BatchResult(output, started - request.enqueued_at, inference_s, len(live))
+                )
+
+    @staticmethod
+    def _fail(requests: list[_Request], error: Callable[[], Exception]) -> None:
+        # One exception object per caller: a shared one would collect every caller's traceback.
+        for request in requests:
+            if not request.future.done():
+                request.future.set_exception(error())
+
+    def _fail_queued(self, error: Callable[[], Exception]) -> None:
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            if isinstance(item, _Request):
+                self._waiting -= 1
+                if not item.future.done():
+                    item.future.set_exception(error())

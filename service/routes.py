@@ -1,0 +1,162 @@
+"""HTTP routes: validate, delegate, encode. The work happens in the pipeline and the repository."""
+
+from __future__ import annotations
+
+import time
+from functools import cache
+from importlib import resources
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.errors import UnknownModel
+from service.http_input import read_uploads
+from service.pipeline import ImageResult
+from service.repository import ServedModel
+
+router = APIRouter()
+
+
+@router.post("/classify")
+async def classify(
+    request: Request,
+    model: Annotated[str, Query(description="model name, e.g. shufflenet_v2")],
+    top_k: Annotated[int, Query(ge=1, le=1000, description="how many classes to return")] = 5,
+) -> JSONResponse:
+    started = time.monotonic()
+    state = request.app.state
+    served = state.repository.get(model)
+    uploads = await read_uploads(request, state.settings.max_body_bytes)
+    results = await state.pipeline.classify(
+        served,
+        uploads,
+        top_k=top_k,
+        deadline=started + state.settings.request_timeout_s,
+        request_id=request.state.request_id,
+    )
+    total_s = time.monotonic() - started
+    body: dict = {"model": served.name, "backend": served.runtime.name}
+    multipart = request.headers.get("content-type", "").lower().startswith("multipart/")
+    if not multipart:
+        body["predictions"] = results[0].predictions
+    else:
+        body["results"] = [{"filename": r.filename, "predictions": r.predictions} for r in results]
+    body["timings_ms"] = _timings_ms(results, total_s)
+    return JSONResponse(body)
+
+
+@router.get("/models")
+async def list_models(request: Request) -> JSONResponse:
+    models = request.app.state.repository.models.values()
+    return JSONResponse({"models": [describe(model, detail=False) for model in models]})
+
+
+@router.get("/models/{name}")
+async def get_model(request: Request, name: str) -> JSONResponse:
+    repository = request.app.state.repository
+    model = repository.models.get(name)
+    if model is None:
+        raise UnknownModel(f"unknown model {name!r}; available models: {', '.join(repository.models)}")
+    return JSONResponse(describe(model, detail=True))
+
+
+@router.get("/healthz")
+async def healthz() -> JSONResponse:
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/readyz")
+async def readyz(request: Request) -> JSONResponse:
+    repository = request.app.state.repository
+    models = {
+        model.name: {"status": model.status.value, **({"reason": model.reason} if model.reason else {})}
+        for model in repository.models.values()
+    }
+    if repository.ready:
+        return JSONResponse({"ready": True, "models": models})
+    waiting = [f"{name} ({entry['status']})" for name, entry in models.items() if entry["status"] != "ready"]
+    message = "not ready: " + ", ".join(waiting)
+    return JSONResponse(
+        {"error": {"code": "not_ready", "message": message}, "ready": False, "models": models},
+        status_code=503,
+    )
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/", include_in_schema=False)
+async def index() -> HTMLResponse:
+    return HTMLResponse(_index_html())
+
+
+def describe(model: ServedModel, *, detail: bool) -> dict:
+    """What /models says about a model: manifest facts and runtime state (labels only in detail)."""
+    entry: dict = {"name": model.name, "status": model.status.value}
+    if model.reason:
+        entry["reason"] = model.reason
+    if model.runtime is not None:
+        entry["backend"] = model.runtime.name
+        entry["precision"] = model.runtime.precision
+    else:
+        entry["precision"] = model.precision
+    manifest = model.manifest
+    if manifest is not None:
+        entry |= {
+            "variant": manifest.variant,
+            "family": manifest.family,
+            "input_size": manifest.input_size,
+            "flops": manifest.flops,
+            "params": manifest.params,
+            "memory_access_cost": manifest.memory_access_cost,
+            "weights": manifest.weights.model_dump(exclude_none=True),
+            "preprocessing": manifest.preprocessing.model_dump(),
+            "num_classes": len(manifest.labels),
+        }
+    if model.load_seconds is not None:
+        entry["load_seconds"] = round(model.load_seconds, 3)
+    if model.batcher is not None:
+        batcher = model.batcher
+        entry["batching"] = {
+            "max_batch_size": batcher.max_batch_size,
+            "max_queue_delay_ms": batcher.max_queue_delay_s * 1000,
+            "max_queue_size": batcher.max_queue_size,
+            "max_concurrent_batches": batcher.max_concurrent_batches,
+            "queue_depth": batcher.depth,
+        }
+    if detail and manifest is not None:
+        entry |= {
+            "knobs": manifest.knobs,
+            "input": manifest.input.model_dump(),
+            "output": manifest.output.model_dump(),
+            "onnx": manifest.onnx.model_dump(),
+            "precisions": [variant.model_dump(exclude_none=True) for variant in manifest.precisions],
+            "fp32_bytes": manifest.fp32_bytes,
+            "parity_max_abs_diff": manifest.parity_max_abs_diff,
+            "tools": manifest.tools,
+            "created_at": manifest.created_at,
+            "labels": manifest.labels,
+        }
+        providers = getattr(model.runtime, "providers", None)
+        if providers:
+            entry["providers"] = list(providers)
+    return entry
+
+
+def _timings_ms(results: list[ImageResult], total_s: float) -> dict[str, float]:
+    # Images of one request decode and queue side by side: each stage lasted as long as its slowest.
+    return {
+        "decode": round(max(r.decode_s for r in results) * 1000, 3),
+        "queue": round(max(r.queue_s for r in results) * 1000, 3),
+        "inference": round(max(r.inference_s for r in results) * 1000, 3),
+        "total": round(total_s * 1000, 3),
+    }
+
+
+@cache
+def _index_html() -> str:
+    return resources.files("service").joinpath("static/index.html").read_text(encoding="utf-8")

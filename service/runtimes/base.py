@@ -1,0 +1,48 @@
+"""The runtime interface: what the batcher needs from any backend, and how a load fails.
+
+A runtime turns a float32 NCHW batch into logits and nothing else: it knows no images, no HTTP
+and no queue. Each backend lives in its own module behind this interface.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
+
+import numpy as np
+
+ExecutionMode = Literal["sequential", "parallel"]
+
+
+@runtime_checkable
+class Runtime(Protocol):
+    """A loaded, verified model that can run a batch."""
+
+    name: str  # the backend that really runs, e.g. "onnxruntime-cpu"
+    precision: str  # "fp32", "fp16" or "int8"
+    input_name: str
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Logits (N, classes) for an (N, 3, H, W) float32 batch. Blocks: call it off the event loop."""
+        ...
+
+    def close(self) -> None:
+        """Release the session; ``run`` must not be called afterwards."""
+        ...
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """Backend-independent knobs, taken from the settings."""
+
+    intra_op_threads: int = 1
+    inter_op_threads: int = 1
+    execution_mode: ExecutionMode = "sequential"
+
+
+class RuntimeLoadError(Exception):
+    """The model cannot be served: its file is missing or corrupt, or disagrees with its manifest."""
+
+
+class BackendUnavailable(RuntimeLoadError):
+    """The requested backend cannot run on this machine (no GPU, no TensorRT, missing provider)."""
