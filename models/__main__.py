@@ -86,11 +86,10 @@ def _summary(args: argparse.Namespace) -> int:
 
 
 def _layers(args: argparse.Namespace) -> int:
-    import models
-    from models.complexity import layer_costs
+    from models.complexity import layer_costs_for
 
     spec = parse(args.name)
-    rows = layer_costs(models.create(args.name), spec.input_shape)
+    rows = layer_costs_for(args.name)
     if args.json:
         print(json.dumps([r.to_dict() for r in rows], indent=2))
         return 0

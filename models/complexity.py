@@ -14,6 +14,9 @@ concatenations and channel shuffles are free:
 
 Shapes are read from one forward pass on a single image with hooks on every ``Conv2d`` and
 ``Linear``, so the counts follow the module actually built rather than a separate description of it.
+The pass runs on the module's device (a module on PyTorch's "meta" device works: only shapes
+propagate) with one intra-op thread: a single small image gains nothing from more, and on a busy
+machine idle threads spinning for work cost far more than the convolutions.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from functools import cache
 import torch
 from torch import nn
 
-__all__ = ["Complexity", "LayerCost", "count", "count_module", "layer_costs"]
+__all__ = ["Complexity", "LayerCost", "count", "count_module", "layer_costs", "layer_costs_for"]
 
 
 @dataclass(frozen=True)
@@ -101,15 +104,18 @@ def layer_costs(module: nn.Module, input_shape: tuple[int, int, int]) -> list[La
     for name, mod in module.named_modules():
         if isinstance(mod, nn.Conv2d | nn.Linear):
             handles.append(mod.register_forward_hook(hook(name)))
-    # The module's own device: on "meta" only shapes are computed, which is all the count needs.
+    # The module's own device; on "meta" only shapes are computed, which is all the count needs.
     tensor = next(module.parameters(), None)
     device = tensor.device if tensor is not None else torch.device("cpu")
     was_training = module.training
+    threads = torch.get_num_threads()
     try:
         module.eval()
+        torch.set_num_threads(1)
         with torch.no_grad():
             module(torch.zeros((1, *input_shape), device=device))
     finally:
+        torch.set_num_threads(threads)
         for handle in handles:
             handle.remove()
         module.train(was_training)
@@ -128,12 +134,17 @@ def count_module(module: nn.Module, input_shape: tuple[int, int, int]) -> Comple
     )
 
 
-@cache
-def _count_variant(variant: str) -> Complexity:
+def _built(name: str) -> tuple[nn.Module, tuple[int, int, int]]:
+    """Zoo model ``name`` and its input shape."""
     import models
 
-    spec = models.parse(variant)
-    return count_module(models.create(variant), spec.input_shape)
+    spec = models.parse(name)
+    return models.create(spec.variant), spec.input_shape
+
+
+@cache
+def _count_variant(variant: str) -> Complexity:
+    return count_module(*_built(variant))
 
 
 def count(name: str) -> Complexity:
@@ -141,3 +152,8 @@ def count(name: str) -> Complexity:
     import models
 
     return _count_variant(models.parse(name).variant)
+
+
+def layer_costs_for(name: str) -> list[LayerCost]:
+    """:func:`layer_costs` of zoo model ``name`` at its own resolution."""
+    return layer_costs(*_built(name))

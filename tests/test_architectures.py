@@ -22,6 +22,16 @@ from models.shufflenet_v2 import InvertedResidual, ShuffleNetV2
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE_DIR = Path(os.environ.get("REFERENCE_DIR", REPO.parent / "shared" / "reference"))
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small inputs: one intra-op thread is as fast, and much faster on a loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # Each published checkpoint's layout, pinned so that the check runs without the reference files
 # (../shared/reference/, see its README): tensor count, num_params and the first 16 hex digits of
 # the SHA-256 of its "key [shape]" lines (timm: "[shape]" lines only; our keys differ from timm's).
@@ -92,6 +102,7 @@ def test_channel_shuffle_keeps_batch_and_pixels_apart() -> None:
     assert torch.equal(channel_shuffle(out, 3), x)
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # raised inside torch.export
 def test_channel_shuffle_exports_with_a_dynamic_batch(tmp_path: Path) -> None:
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")

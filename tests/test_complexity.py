@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +13,20 @@ import torch
 from torch import nn
 
 import models
-from models.complexity import Complexity, count, count_module, layer_costs
+from models.__main__ import main
+from models.complexity import Complexity, count, count_module, layer_costs, layer_costs_for
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small inputs: one intra-op thread is as fast, and much faster on a loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 # --------------------------------------------------------------------------------------------
 # counting rules on single layers
@@ -134,6 +146,7 @@ def summary() -> dict[str, dict]:
     result = subprocess.run(
         [sys.executable, "-m", "models", "summary", "--json", *PAPER_NAMES],
         cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
         capture_output=True,
         text=True,
         timeout=300,
@@ -214,7 +227,7 @@ def test_shufflenet_v1_paper_figures(summary: dict[str, dict]) -> None:
 def test_shufflenet_v1_table_1_complexity(groups: int, mult_adds: int) -> None:
     # Table 1's "Complexity" row counts the convolutions only (no FC layer): then it matches exactly.
     name = f"shufflenet_v1_g{groups}_1.0x"
-    rows = layer_costs(models.create(name), (3, 224, 224))
+    rows = layer_costs_for(name)
     assert round(_mega(sum(r.flops for r in rows if r.kind != "linear"))) == mult_adds
     assert 133 <= _mega(count(name).flops) <= 144
 
@@ -256,10 +269,20 @@ def test_summary_unknown_name_exits_2() -> None:
     assert result.stdout == ""
 
 
-def test_summary_table() -> None:
-    result = _cli("summary", "shufflenet_v2_0.5x", "mobilenet_v1_0.25_128")
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
+def test_summary_table(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["summary", "shufflenet_v2_0.5x", "mobilenet_v1_0.25_128"]) == 0
+    lines = capsys.readouterr().out.splitlines()
     assert "params" in lines[0] and "flops" in lines[0] and "memory access cost" in lines[0]
     assert lines[2].split()[:4] == ["shufflenet_v2_0.5x", "shufflenet_v2_0.5x", "224", "1,366,792"]
     assert lines[3].split()[:3] == ["mobilenet_v1_0.25_128", "mobilenet_v1_0.25_128", "128"]
+
+
+def test_layers_command(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["layers", "--json", "mobilenet_v1_0.25_128"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 1 + 2 * 13 + 1
+    assert sum(r["flops"] for r in rows) == count("mobilenet_v1_0.25_128").flops
+    assert rows[0]["in_shape"] == [3, 128, 128] and rows[-1]["kind"] == "linear"
+    assert main(["layers", "shufflenet_v2_0.5x"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1].split()[:2] == ["total", f"{count('shufflenet_v2_0.5x').flops:,}"]
