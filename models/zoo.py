@@ -103,8 +103,12 @@ class ModelSpec:
 _TV = "https://download.pytorch.org/models/"
 PUBLISHED: dict[str, PublishedWeights] = {
     "mobilenet_v2_1.0_224": PublishedWeights(_TV + "mobilenet_v2-b0353104.pth", "b0353104", "torchvision"),
-    "shufflenet_v2_0.5x": PublishedWeights(_TV + "shufflenetv2_x0.5-f707e7126e.pth", "f707e7126e", "torchvision"),
-    "shufflenet_v2_1.0x": PublishedWeights(_TV + "shufflenetv2_x1-5666bf0f80.pth", "5666bf0f80", "torchvision"),
+    "shufflenet_v2_0.5x": PublishedWeights(
+        _TV + "shufflenetv2_x0.5-f707e7126e.pth", "f707e7126e", "torchvision"
+    ),
+    "shufflenet_v2_1.0x": PublishedWeights(
+        _TV + "shufflenetv2_x1-5666bf0f80.pth", "5666bf0f80", "torchvision"
+    ),
     "shufflenet_v2_1.5x": PublishedWeights(_TV + "shufflenetv2_x1_5-3c479a10.pth", "3c479a10", "torchvision"),
     "shufflenet_v2_2.0x": PublishedWeights(_TV + "shufflenetv2_x2_0-8be3c8ee.pth", "8be3c8ee", "torchvision"),
     # mobilenet_v1_1.0_224 (timm mobilenetv1_100) is added by models.weights, which owns its URL and digest.
@@ -170,31 +174,59 @@ def _mobilenet_v1(name: str, alpha: str, res: str) -> ModelSpec:
     width = _pick(alpha, MOBILENET_V1_WIDTHS, float, "width multiplier", name)
     resolution = _pick(res, MOBILENET_V1_RESOLUTIONS, int, "resolution", name)
     variant = f"mobilenet_v1_{_fmt(width)}_{resolution}"
-    return ModelSpec(name, variant, "mobilenet_v1", {"width_multiplier": width}, resolution,
-                     Preprocessing.for_resolution(resolution), PUBLISHED.get(variant))
+    return ModelSpec(
+        name,
+        variant,
+        "mobilenet_v1",
+        {"width_multiplier": width},
+        resolution,
+        Preprocessing.for_resolution(resolution),
+        PUBLISHED.get(variant),
+    )
 
 
 def _mobilenet_v2(name: str, width_text: str, res: str) -> ModelSpec:
     width = _pick(width_text, MOBILENET_V2_WIDTHS, float, "width multiplier", name)
     resolution = _pick(res, MOBILENET_V2_RESOLUTIONS, int, "resolution", name)
     variant = f"mobilenet_v2_{_fmt(width)}_{resolution}"
-    return ModelSpec(name, variant, "mobilenet_v2", {"width_multiplier": width}, resolution,
-                     Preprocessing.for_resolution(resolution), PUBLISHED.get(variant))
+    return ModelSpec(
+        name,
+        variant,
+        "mobilenet_v2",
+        {"width_multiplier": width},
+        resolution,
+        Preprocessing.for_resolution(resolution),
+        PUBLISHED.get(variant),
+    )
 
 
 def _shufflenet_v1(name: str, groups_text: str, scale_text: str) -> ModelSpec:
     groups = _pick(groups_text, SHUFFLENET_V1_GROUPS, int, "groups", name)
     scale = _pick(scale_text, SHUFFLENET_V1_SCALES, float, "scale", name)
     variant = f"shufflenet_v1_g{groups}_{_fmt(scale)}x"
-    return ModelSpec(name, variant, "shufflenet_v1", {"groups": groups, "scale": scale}, 224,
-                     Preprocessing.for_resolution(224), PUBLISHED.get(variant))
+    return ModelSpec(
+        name,
+        variant,
+        "shufflenet_v1",
+        {"groups": groups, "scale": scale},
+        224,
+        Preprocessing.for_resolution(224),
+        PUBLISHED.get(variant),
+    )
 
 
 def _shufflenet_v2(name: str, scale_text: str) -> ModelSpec:
     scale = _pick(scale_text, SHUFFLENET_V2_SCALES, float, "scale", name)
     variant = f"shufflenet_v2_{_fmt(scale)}x"
-    return ModelSpec(name, variant, "shufflenet_v2", {"scale": scale}, 224,
-                     Preprocessing.for_resolution(224), PUBLISHED.get(variant))
+    return ModelSpec(
+        name,
+        variant,
+        "shufflenet_v2",
+        {"scale": scale},
+        224,
+        Preprocessing.for_resolution(224),
+        PUBLISHED.get(variant),
+    )
 
 
 _SPEC_BUILDERS = {
