@@ -1,0 +1,393 @@
+"""Build the model repository: ONNX models and their manifests (and, later, TensorRT engines).
+
+    python build_engines.py [--models all|NAME ...] [--weights auto|imagenet|random|PATH]
+                            [--out model_repository] [--target cpu|gpu|jetson]
+                            [--precision fp32|fp16|int8] [--max-batch N] [--calibration-images DIR]
+                            [--force]
+
+For each model: resolve its weights, export ONNX with a dynamic batch axis, check it with onnx.checker
+and against PyTorch through ONNX Runtime, and write ``<out>/<name>/{model.onnx, model.json}``. A model
+whose outputs are up to date (same ONNX file, built from the same variant, weights, opset, tools and
+model code) is skipped unless ``--force``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from models import zoo
+from service.manifest import (
+    Manifest,
+    OnnxFile,
+    PreprocessingSpec,
+    TensorSpec,
+    WeightsProvenance,
+    sha256_of,
+)
+
+log = logging.getLogger("build_engines")
+
+PARITY_TOLERANCE = 1e-4
+ONNX_FILE = "model.onnx"
+RANDOM_SEED = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+@dataclass
+class Row:
+    """One line of the closing table."""
+
+    name: str
+    status: str  # "built", "up to date" or "FAILED: ..."
+    flops: int = 0
+    params: int = 0
+    mac: int = 0
+    onnx_bytes: int = 0
+    parity: float | None = None
+    weights: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.status.startswith("FAILED")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="build_engines.py",
+        description="Export the zoo's models to ONNX (and TensorRT engines) with their manifests.",
+    )
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=list(zoo.DEFAULT_MODELS),
+        metavar="NAME",
+        help=f"model names, or 'all' for every variant (default: {' '.join(zoo.DEFAULT_MODELS)})",
+    )
+    parser.add_argument(
+        "--weights",
+        default="auto",
+        metavar="auto|imagenet|random|PATH",
+        help="auto: published ImageNet weights if available, else random with a warning (default); "
+        "imagenet: published weights or fail; random: random initialisation; PATH: a local state dict",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("model_repository"), help="model repository directory"
+    )
+    parser.add_argument("--target", choices=("cpu", "gpu", "jetson"), default="cpu")
+    parser.add_argument("--precision", choices=zoo.PRECISIONS, default="fp32")
+    parser.add_argument(
+        "--max-batch", type=int, default=32, metavar="N", help="largest batch of engine profiles"
+    )
+    parser.add_argument("--calibration-images", type=Path, metavar="DIR", help="images for int8 calibration")
+    parser.add_argument("--force", action="store_true", help="rebuild even when outputs are up to date")
+    args = parser.parse_args(argv)
+    if args.max_batch < 1:
+        parser.error("--max-batch must be at least 1")
+    return args
+
+
+def select_models(requested: list[str]) -> list[str]:
+    """The model names to build, in order, without repeats; ``all`` expands to every variant."""
+    names: list[str] = []
+    for item in requested:
+        expanded = zoo.all_variants() if item == "all" else [item]
+        for name in expanded:
+            zoo.parse(name)  # raises UnknownModelError with the zoo's explanation
+            if zoo.split_precision(name)[1] != "fp32":
+                raise zoo.UnknownModelError(f"{name!r}: choose the precision with --precision, not a suffix")
+            if name not in names:
+                names.append(name)
+    return names
+
+
+# ---------------------------------------------------------------------------------------------
+# Targets other than CPU/fp32: say exactly what is missing, never pretend
+
+
+def _tensorrt_problem() -> str | None:
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError as exc:
+        return f"the TensorRT Python package 'tensorrt' is not importable ({exc})"
+    return None
+
+
+def _nvidia_gpu_present() -> bool:
+    if Path("/proc/driver/nvidia/gpus").is_dir() and any(Path("/proc/driver/nvidia/gpus").iterdir()):
+        return True
+    return shutil.which("nvidia-smi") is not None and any(Path("/dev").glob("nvidia[0-9]*"))
+
+
+def _on_jetson() -> bool:
+    if Path("/etc/nv_tegra_release").exists():
+        return True
+    model = Path("/proc/device-tree/model")
+    try:
+        return "jetson" in model.read_text(errors="ignore").lower()
+    except OSError:
+        return False
+
+
+def check_target(args: argparse.Namespace, names: list[str]) -> list[str]:
+    """Problems that prevent building for ``args.target`` / ``args.precision`` here (empty: none)."""
+    problems: list[str] = []
+    if args.target == "jetson" and not _on_jetson():
+        command = (
+            f"python build_engines.py --target jetson --models {' '.join(names)} "
+            f"--precision {args.precision} --max-batch {args.max_batch}"
+        )
+        problems.append(
+            "this machine is not a Jetson. Jetson engines must be built on the Jetson itself "
+            "(TensorRT engines are specific to the GPU and TensorRT version that build them and "
+            f"cannot be cross-built). Run there: {command}"
+        )
+    if args.target in ("gpu", "jetson"):
+        trt = _tensorrt_problem()
+        if trt:
+            problems.append(trt)
+        if args.target == "gpu" and not _nvidia_gpu_present():
+            problems.append("no NVIDIA GPU found (no /proc/driver/nvidia/gpus entry or /dev/nvidia* device)")
+        if not problems:
+            problems.append(
+                f"TensorRT engine builds (--target {args.target}) are not implemented in this build yet"
+            )
+    if args.precision != "fp32" and not problems:
+        problems.append(f"--precision {args.precision} is not implemented in this build yet; use fp32")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# One model
+
+
+def tool_versions() -> dict[str, str]:
+    """Everything whose version can change the exported file, including this project's model code."""
+    import onnx
+    import onnxruntime
+    import onnxscript
+    import torch
+
+    return {
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxscript": onnxscript.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "python": platform.python_version(),
+        "models_code": _models_code_digest(),
+    }
+
+
+def _models_code_digest() -> str:
+    # Random-weight builds are reproducible (fixed seed), so an edit of the architectures, the key mapping,
+    # the exporter or the cost model is what changes the outputs without changing the variant or the
+    # weights: fold that code into the up-to-date check. The summary CLI changes nothing built.
+    digest = hashlib.sha256()
+    for source in sorted(Path(zoo.__file__).parent.glob("*.py")):
+        if source.name == "__main__.py":
+            continue
+        digest.update(source.name.encode())
+        digest.update(source.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _same_weights(a: WeightsProvenance, b: WeightsProvenance) -> bool:
+    # The note is explanation (e.g. why auto fell back), not an input of the exported file.
+    keys = ("source", "url", "path", "sha256")
+    return all(getattr(a, k) == getattr(b, k) for k in keys)
+
+
+def up_to_date(model_dir: Path, variant: str, weights: WeightsProvenance, opset: int, tools: dict) -> bool:
+    """Whether ``model_dir`` already holds this exact build: same inputs, intact ONNX file."""
+    try:
+        manifest = Manifest.load(model_dir)
+    except (OSError, ValueError):
+        return False
+    onnx_path = model_dir / manifest.onnx.file
+    return (
+        manifest.variant == variant
+        and _same_weights(manifest.weights, weights)
+        and manifest.onnx.opset == opset
+        and manifest.tools == tools
+        and onnx_path.is_file()
+        and onnx_path.stat().st_size == manifest.onnx.bytes
+        and sha256_of(onnx_path) == manifest.onnx.sha256
+    )
+
+
+def _weights_label(weights: WeightsProvenance) -> str:
+    if weights.source == "imagenet":
+        return f"imagenet ({weights.sha256[:8]})" if weights.sha256 else "imagenet"
+    if weights.source == "file":
+        return f"file {Path(weights.path or '').name}"
+    return "RANDOM"
+
+
+def build_model(name: str, args: argparse.Namespace, opset: int, tools: dict) -> Row:
+    """Export, check and describe one model; skipped when its outputs are up to date."""
+    import torch
+
+    import models
+    from models import complexity, export, weights
+
+    spec = zoo.parse(name)
+    model_dir = args.out / name
+    state_dict, provenance = weights.resolve(name, args.weights)
+    if provenance["source"] == "random":
+        extra = f"torch seed {RANDOM_SEED}, BatchNorm statistics calibrated on random input"
+        provenance["note"] = "; ".join(filter(None, [provenance["note"], extra]))
+    provenance_model = WeightsProvenance(**provenance)
+    cost = complexity.count(spec.variant)
+    row = Row(
+        name=name,
+        status="built",
+        flops=cost.flops,
+        params=cost.params,
+        mac=cost.memory_access_cost,
+        weights=_weights_label(provenance_model),
+    )
+
+    if not args.force and up_to_date(model_dir, spec.variant, provenance_model, opset, tools):
+        manifest = Manifest.load(model_dir)
+        row.status, row.onnx_bytes, row.parity = (
+            "up to date",
+            manifest.onnx.bytes,
+            manifest.parity_max_abs_diff,
+        )
+        return row
+
+    torch.manual_seed(RANDOM_SEED)
+    module = models.create(spec.variant)
+    if state_dict is not None:
+        module.load_state_dict(state_dict, strict=True)
+    else:
+        weights.calibrate_batchnorm(module, spec.input_shape, seed=RANDOM_SEED)
+    module.eval()
+
+    model_dir.mkdir(parents=True, exist_ok=True)
+    staging = model_dir / f".{ONNX_FILE}.building"
+    try:
+        export.export_onnx(module, spec, staging, opset=opset)
+        row.parity = export.parity(module, staging, batch_sizes=(1, 4))
+        if row.parity > PARITY_TOLERANCE:
+            row.status = f"FAILED: parity {row.parity:.2e} > {PARITY_TOLERANCE:.0e}"
+            return row
+        final = model_dir / ONNX_FILE
+        os.replace(staging, final)
+    finally:
+        staging.unlink(missing_ok=True)
+
+    row.onnx_bytes = final.stat().st_size
+    manifest = Manifest(
+        name=name,
+        variant=spec.variant,
+        family=spec.family,
+        knobs=spec.knobs,
+        input_size=spec.resolution,
+        input=TensorSpec(name=export.INPUT_NAME, shape=[export.BATCH_DIM, *spec.input_shape]),
+        output=TensorSpec(name=export.OUTPUT_NAME, shape=[export.BATCH_DIM, len(zoo.imagenet_labels())]),
+        preprocessing=PreprocessingSpec(**spec.preprocessing.to_dict()),
+        flops=cost.flops,
+        params=cost.params,
+        memory_access_cost=cost.memory_access_cost,
+        fp32_bytes=cost.fp32_bytes,
+        weights=provenance_model,
+        labels=list(zoo.imagenet_labels()),
+        onnx=OnnxFile(file=ONNX_FILE, sha256=sha256_of(final), bytes=row.onnx_bytes, opset=opset),
+        parity_max_abs_diff=row.parity,
+        tools=tools,
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+    manifest.save(model_dir)
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def format_table(rows: list[Row]) -> str:
+    header = ("model", "status", "MFLOPs", "params (M)", "MAC (M)", "ONNX (MB)", "max |diff|", "weights")
+    lines = [header]
+    for r in rows:
+        lines.append(
+            (
+                r.name,
+                r.status,
+                f"{r.flops / 1e6:.1f}",
+                f"{r.params / 1e6:.3f}",
+                f"{r.mac / 1e6:.1f}",
+                f"{r.onnx_bytes / 1e6:.2f}" if r.onnx_bytes else "-",
+                f"{r.parity:.1e}" if r.parity is not None else "-",
+                r.weights,
+            )
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in lines]
+    text.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    args = parse_args(argv)
+    try:
+        names = select_models(args.models)
+    except zoo.UnknownModelError as exc:
+        log.error("error: %s", exc)
+        return EXIT_USAGE
+
+    problems = check_target(args, names)
+    if problems:
+        for problem in problems:
+            log.error(
+                "error: cannot build --target %s --precision %s: %s", args.target, args.precision, problem
+            )
+        return EXIT_USAGE if args.target == "cpu" else EXIT_FAILED
+
+    from models import export, weights
+
+    opset = export.DEFAULT_OPSET
+    tools = tool_versions()
+    rows: list[Row] = []
+    for index, name in enumerate(names, start=1):
+        started = time.perf_counter()
+        prefix = f"[{index}/{len(names)}] {name}"
+        try:
+            row = build_model(name, args, opset, tools)
+        except (weights.WeightsError, export.ExportError, OSError, RuntimeError, ValueError) as exc:
+            row = Row(name=name, status=f"FAILED: {exc}")
+        seconds = time.perf_counter() - started
+        if row.status == "up to date":
+            log.info("%s: up to date (%s)", prefix, args.out / name)
+        elif row.ok:
+            built = f"{args.out / name / ONNX_FILE} ({row.onnx_bytes / 1e6:.2f} MB, parity {row.parity:.1e}"
+            log.info("%s: built %s, weights %s) in %.1f s", prefix, built, row.weights, seconds)
+        else:
+            log.error("%s: %s", prefix, row.status)
+        rows.append(row)
+
+    print(format_table(rows))
+    failed = [r.name for r in rows if not r.ok]
+    if failed:
+        log.error("failed: %s", ", ".join(failed))
+        return EXIT_FAILED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,505 @@
+"""Pretrained weights: where they come from, how they are fetched safely, how they map onto our modules.
+
+Three concerns live here, in this order:
+
+* the published checkpoints the build step may use (torchvision's, listed in :data:`models.zoo.PUBLISHED`,
+  and timm's ``mobilenetv1_100`` for MobileNet v1 1.0, registered below);
+* a download cache that only ever holds verified files: a download is streamed to a temporary file
+  in the cache directory, its SHA-256 checked, and only then renamed into place, so an interrupted or
+  tampered download never poisons the cache; a cached file is re-verified before every use;
+* :func:`adapt_state_dict`, which turns a checkpoint's state dict into the layout ``models.create``
+  loads strictly, and :func:`resolve`, which implements ``--weights auto|imagenet|random|PATH``.
+
+torch is imported lazily so that importing this module (which registers the timm checkpoint in the
+zoo) stays as cheap as importing the zoo.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+from models import zoo
+from models.zoo import PublishedWeights, parse
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE_DIR = Path("~/.cache/efficient-cnn/weights")
+CACHE_ENV = "WEIGHTS_CACHE"
+# A mirror that keeps the original URL paths (``<base>/models/mobilenet_v2-b0353104.pth``); also how the
+# tests serve checkpoints from a local HTTP server.
+BASE_URL_ENV = "WEIGHTS_BASE_URL"
+DOWNLOAD_TIMEOUT_S = 30.0
+WEIGHT_CHOICES = ("auto", "imagenet", "random")
+LOCAL_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+
+# timm's MobileNet v1 1.0 (ImageNet-1k top-1 ~76.4 % at 256 px test size). The URL is pinned to the hub
+# commit that added the file, so its bytes cannot change under us. No SHA-256 of the file is published
+# anywhere we could check it against, so none is pinned: the digest seen on the first download is
+# recorded beside the cached file (trust on first use), re-checked on every later use, and written into
+# every manifest built from it.
+# The checkpoint was trained and evaluated with timm's preprocessing, which differs from the zoo's default:
+# bicubic interpolation, mean = std = (0.5, 0.5, 0.5), crop_pct 0.875 (0.95 at its 256 px test size).
+TIMM_MOBILENET_V1_100 = PublishedWeights(
+    url=(
+        "https://huggingface.co/timm/mobilenetv1_100.ra4_e3600_r224_in1k/resolve/"
+        "dda9ab42e23f3061aa191630817df76e8fe9cace/pytorch_model.bin"
+    ),
+    sha256="",
+    layout="timm",
+    note="timm mobilenetv1_100.ra4_e3600_r224_in1k; trained with bicubic resize and mean=std=0.5",
+)
+
+# Global pooling makes the checkpoint resolution-independent, so every MobileNet v1 1.0 variant uses it.
+zoo.PUBLISHED.update(
+    {f"mobilenet_v1_1.0_{res}": TIMM_MOBILENET_V1_100 for res in zoo.MOBILENET_V1_RESOLUTIONS}
+)
+# parse() caches specs, including their ``weights``; specs parsed before this registration would miss it.
+parse.cache_clear()
+
+
+class WeightsError(RuntimeError):
+    """Base class: the requested weights cannot be used."""
+
+
+class WeightsUnavailable(WeightsError):
+    """The checkpoint could not be fetched (network, HTTP error, timeout)."""
+
+
+class ChecksumError(WeightsError):
+    """A downloaded or cached file does not have the SHA-256 it must have."""
+
+
+class NoPublishedWeights(WeightsError):
+    """The model has no published checkpoint that this project can load."""
+
+
+class StateDictMismatch(WeightsError, KeyError):
+    """A state dict cannot be mapped onto the module's layout."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Published checkpoints
+
+
+def published_weights(
+    name: str, published: Mapping[str, PublishedWeights] | None = None
+) -> PublishedWeights | None:
+    """The published checkpoint of model ``name`` (any spelling), or None."""
+    table = zoo.PUBLISHED if published is None else published
+    return table.get(parse(name).variant)
+
+
+def _with_base_url(url: str, base_url: str | None) -> str:
+    if not base_url:
+        return url
+    parts = urlparse(url)
+    return base_url.rstrip("/") + parts.path
+
+
+def _cache_name(url: str) -> str:
+    # Derived from the path only, so a mirror fills the same cache entry as the original host.
+    path = urlparse(url).path.strip("/")
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", path) or "checkpoint"
+
+
+def cache_dir_for(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The weights cache: the argument, else ``$WEIGHTS_CACHE``, else ``~/.cache/efficient-cnn/weights``."""
+    chosen = cache_dir or os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR
+    return Path(chosen).expanduser()
+
+
+# ---------------------------------------------------------------------------------------------
+# Download and verification
+
+
+def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _digest_matches(actual: str, expected: str) -> bool:
+    # torchvision publishes only the first 8-10 hex digits (in the file name); a full digest must match fully.
+    expected = expected.lower()
+    if len(expected) == 64:
+        return actual == expected
+    return len(expected) >= 8 and actual.startswith(expected)
+
+
+def _recorded_digest_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _expected_digest(path: Path, pinned: str) -> str | None:
+    """The digest a cached file must have: the pinned one, else the one recorded at first download."""
+    if pinned:
+        return pinned
+    record = _recorded_digest_path(path)
+    if record.is_file():
+        return record.read_text(encoding="utf-8").split()[0].strip().lower()
+    return None
+
+
+def _verify_cached(path: Path, pinned: str) -> str | None:
+    """The digest of a usable cached file, or None (missing, or failed verification and removed)."""
+    if not path.is_file():
+        return None
+    actual = sha256_file(path)
+    expected = _expected_digest(path, pinned)
+    if expected is not None and _digest_matches(actual, expected):
+        return actual
+    log.warning(
+        "cached weights %s fail verification (expected sha256 %s, actual %s); removing and downloading again",
+        path,
+        expected or "<no record>",
+        actual,
+    )
+    path.unlink(missing_ok=True)
+    _recorded_digest_path(path).unlink(missing_ok=True)
+    return None
+
+
+def download(
+    url: str,
+    sha256: str,
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    timeout: float = DOWNLOAD_TIMEOUT_S,
+    cache_name: str | None = None,
+) -> tuple[Path, str]:
+    """Fetch ``url`` into the cache once and return (path, full SHA-256).
+
+    ``sha256`` is a full digest or a prefix (torchvision's file-name convention); empty means "none
+    pinned", in which case the digest of the first download is recorded and enforced afterwards.
+    """
+    directory = cache_dir_for(cache_dir)
+    target = directory / (cache_name or _cache_name(url))
+    cached = _verify_cached(target, sha256)
+    if cached is not None:
+        log.info("weights cached: %s", target)
+        return target, cached
+
+    directory.mkdir(parents=True, exist_ok=True)
+    log.info("downloading %s", url)
+    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=".part")
+    tmp = Path(tmp_name)
+    try:
+        digest = hashlib.sha256()
+        try:
+            with os.fdopen(fd, "wb") as handle, urllib.request.urlopen(url, timeout=timeout) as response:
+                while chunk := response.read(1 << 20):
+                    digest.update(chunk)
+                    handle.write(chunk)
+        except urllib.error.HTTPError as exc:
+            raise WeightsUnavailable(
+                f"cannot download weights from {url}: HTTP {exc.code} {exc.reason}"
+            ) from exc
+        except urllib.error.URLError as exc:
+            raise WeightsUnavailable(f"cannot download weights from {url}: {exc.reason}") from exc
+        except (TimeoutError, OSError) as exc:
+            raise WeightsUnavailable(f"cannot download weights from {url}: {exc}") from exc
+        actual = digest.hexdigest()
+        if sha256 and not _digest_matches(actual, sha256):
+            raise ChecksumError(
+                f"checksum mismatch for {url}: expected sha256 {sha256.lower()}, got {actual}; "
+                "the download was discarded"
+            )
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    if not sha256:
+        _recorded_digest_path(target).write_text(f"{actual}  {target.name}\n", encoding="utf-8")
+        log.warning("no pinned sha256 for %s; recorded the downloaded file's digest %s", url, actual)
+    return target, actual
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and adapting state dicts
+
+
+def load_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A checkpoint file's tensors, never executing pickled code (``weights_only=True``)."""
+    import torch
+
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file as load_safetensors
+        except ImportError as exc:
+            raise WeightsError(
+                f"{path} is a .safetensors file but the 'safetensors' package is not installed; "
+                "install it or convert the file to a .pth state dict"
+            ) from exc
+        return dict(load_safetensors(str(path), device="cpu"))
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeightsError(f"cannot load {path} as a PyTorch state dict: {exc}") from exc
+    if not isinstance(loaded, Mapping):
+        raise WeightsError(f"{path} holds a {type(loaded).__name__}, not a state dict")
+    return loaded
+
+
+def _unwrap(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    # Training scripts save {"state_dict": ...} or {"model": ...}; DataParallel adds "module.".
+    while True:
+        for wrapper in ("state_dict", "model"):
+            inner = state_dict.get(wrapper)
+            if isinstance(inner, Mapping) and not any(hasattr(v, "shape") for v in state_dict.values()):
+                state_dict = inner
+                break
+        else:
+            break
+    out: dict[str, Any] = {}
+    for key, value in state_dict.items():
+        if not hasattr(value, "shape"):
+            raise StateDictMismatch(f"state dict entry {key!r} is a {type(value).__name__}, not a tensor")
+        out[key.removeprefix("module.")] = value
+    return out
+
+
+_BN_BUFFER = ".num_batches_tracked"
+
+
+def _fill_batch_counters(state_dict: dict[str, Any], target: Mapping[str, Any]) -> None:
+    # Checkpoints saved before PyTorch 0.4.1 (torchvision's MobileNet v2 and ShuffleNet v2 among them)
+    # lack BatchNorm's num_batches_tracked; it does not affect inference, so fill it in.
+    for key, value in target.items():
+        if key.endswith(_BN_BUFFER) and key not in state_dict:
+            prefix = key[: -len(_BN_BUFFER)]
+            if prefix + ".running_mean" in state_dict:
+                state_dict[key] = value.new_zeros(())
+
+
+def _check_shapes(
+    pairs: list[tuple[str, str]], source: Mapping[str, Any], target: Mapping[str, Any], name: str
+):
+    for src_key, dst_key in pairs:
+        have, want = tuple(source[src_key].shape), tuple(target[dst_key].shape)
+        if have != want:
+            where = src_key if src_key == dst_key else f"{src_key} -> {dst_key}"
+            raise StateDictMismatch(
+                f"{name}: {where} has shape {list(have)}, the module expects {list(want)}"
+            )
+
+
+_TIMM_V1_BLOCK = re.compile(r"blocks\.(\d+)\.(\d+)\.(conv_dw|bn1|conv_pw|bn2)\.(\w+)")
+_TIMM_V1_LAYER = {"conv_dw": 0, "bn1": 1, "conv_pw": 2, "bn2": 3}
+_TENSOR_ORDER = {"weight": 0, "bias": 1, "running_mean": 2, "running_var": 3, "num_batches_tracked": 4}
+
+
+def _timm_v1_order(key: str) -> tuple:
+    """Forward order of a timm ``mobilenetv1_*`` key (a checkpoint's own dict order is not trusted)."""
+    leaf = key.rsplit(".", 1)[-1]
+    tensor = _TENSOR_ORDER.get(leaf, 9)
+    if key.startswith("conv_stem."):
+        return (0, 0, 0, 0, tensor)
+    if key.startswith("bn1."):
+        return (0, 0, 0, 1, tensor)
+    match = _TIMM_V1_BLOCK.fullmatch(key)
+    if match:
+        stage, block, layer, _ = match.groups()
+        return (1, int(stage), int(block), _TIMM_V1_LAYER[layer], tensor)
+    if key.startswith("classifier."):
+        return (2, 0, 0, 0, tensor)
+    raise StateDictMismatch(f"mobilenet_v1: {key!r} is not a key of timm's mobilenetv1 layout")
+
+
+def _map_timm_mobilenet_v1(source: dict[str, Any], target: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """timm ``mobilenetv1_100`` keys -> ours: both list the same tensors in the same forward order.
+
+    Matched by position (batch counters aside, which older checkpoints may lack) and checked by shape, so
+    any structural difference is reported with the offending key instead of loading garbage.
+    """
+    src = sorted((k for k in source if not k.endswith(_BN_BUFFER)), key=_timm_v1_order)
+    dst = [k for k in target if not k.endswith(_BN_BUFFER)]
+    if len(src) != len(dst):
+        raise StateDictMismatch(
+            f"{name}: the timm checkpoint has {len(src)} tensors (batch counters aside), "
+            f"the module expects {len(dst)}; first unmatched: "
+            f"{(src[len(dst)] if len(src) > len(dst) else dst[len(src)])!r}"
+        )
+    pairs = list(zip(src, dst, strict=True))
+    _check_shapes(pairs, source, target, name)
+    out = {dst_key: source[src_key] for src_key, dst_key in pairs}
+    owner = {s.rsplit(".", 1)[0]: d.rsplit(".", 1)[0] for s, d in pairs}
+    for key in source:
+        if key.endswith(_BN_BUFFER):
+            module = owner.get(key[: -len(_BN_BUFFER)])
+            if module is None or module + _BN_BUFFER not in target:
+                raise StateDictMismatch(f"{name}: cannot place timm key {key!r} in the module")
+            out[module + _BN_BUFFER] = source[key]
+    return out
+
+
+def _looks_timm_mobilenet_v1(state_dict: Mapping[str, Any]) -> bool:
+    return "conv_stem.weight" in state_dict and any(k.startswith("blocks.") for k in state_dict)
+
+
+def adapt_state_dict(name: str, state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """``state_dict`` (a checkpoint, possibly wrapped) in the layout ``models.create(name)`` loads strictly.
+
+    Identity for our own layout, which is torchvision's for MobileNet v2 and ShuffleNet v2; the key
+    mapping of timm's ``mobilenetv1_*`` for MobileNet v1. Any key that cannot be placed, or a shape that
+    differs, raises :class:`StateDictMismatch` naming it.
+    """
+    import models
+
+    spec = parse(name)
+    target = models.create(spec.variant).state_dict()
+    source = _unwrap(state_dict)
+
+    if spec.family == "mobilenet_v1" and set(source) != set(target) and _looks_timm_mobilenet_v1(source):
+        mapped = _map_timm_mobilenet_v1(source, target, spec.variant)
+    else:
+        mapped = dict(source)
+    _fill_batch_counters(mapped, target)
+
+    missing = [k for k in target if k not in mapped]
+    unexpected = [k for k in mapped if k not in target]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} key(s), first {missing[0]!r}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s), first {unexpected[0]!r}")
+        raise StateDictMismatch(f"{spec.variant}: state dict does not match the module: {'; '.join(parts)}")
+    _check_shapes([(k, k) for k in target], mapped, target, spec.variant)
+    return {key: mapped[key] for key in target}
+
+
+# ---------------------------------------------------------------------------------------------
+# --weights auto|imagenet|random|PATH
+
+
+def calibrate_batchnorm(
+    module: torch.nn.Module, input_shape: tuple[int, ...], seed: int = 0
+) -> torch.nn.Module:
+    """Give a randomly initialised module's BatchNorm layers the statistics of its own activations.
+
+    With fresh running statistics (mean 0, variance 1) the activations of a deep random network shrink
+    layer after layer (MobileNet v1's logits end near 1e-17), which makes a random-weights build useless
+    even for checking an export: every runtime "agrees" on zero. Running a few random batches through
+    the network in training mode sets the statistics so each layer's output keeps unit scale. The
+    weights stay random; the result depends only on ``seed``.
+    """
+    import torch
+    from torch import nn
+
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return module.eval()
+    generator = torch.Generator().manual_seed(seed)
+    momenta = [m.momentum for m in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average over the calibration batches
+    module.train()
+    with torch.no_grad():
+        for _ in range(2):
+            module(torch.randn(8, *input_shape, generator=generator))
+    for norm, momentum in zip(norms, momenta, strict=True):
+        norm.momentum = momentum
+    return module.eval()
+
+
+def _provenance(source: str, *, url=None, path=None, sha256=None, note: str = "") -> dict[str, Any]:
+    # The keys of service.manifest.WeightsProvenance.
+    return {"source": source, "url": url, "path": path, "sha256": sha256, "note": note}
+
+
+def _loud_warning(message: str) -> None:
+    # Logged for log collectors and printed for a human at the terminal: random weights classify nothing.
+    log.warning(message)
+    print(f"WARNING: {message}", file=sys.stderr, flush=True)
+
+
+def _imagenet(
+    name: str,
+    cache_dir: str | os.PathLike | None,
+    published: Mapping[str, PublishedWeights] | None,
+    base_url: str | None,
+    timeout: float,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    spec = parse(name)
+    weights = published_weights(name, published)
+    if weights is None:
+        raise NoPublishedWeights(
+            f"{spec.variant}: no published ImageNet checkpoint exists in a form this project can load; "
+            "pass a local state dict file instead: --weights PATH"
+        )
+    base = base_url if base_url is not None else os.environ.get(BASE_URL_ENV)
+    fetch_url = _with_base_url(weights.url, base)
+    path, digest = download(
+        fetch_url, weights.sha256, cache_dir, timeout=timeout, cache_name=_cache_name(weights.url)
+    )
+    state_dict = adapt_state_dict(name, load_file(path))
+    notes = [weights.note] if weights.note else []
+    if not weights.sha256:
+        notes.append("no published sha256; digest recorded at first download")
+    if fetch_url != weights.url:
+        notes.append(f"fetched from mirror {fetch_url}")
+    return state_dict, _provenance("imagenet", url=weights.url, sha256=digest, note="; ".join(notes))
+
+
+def resolve(
+    name: str,
+    weights: str,
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    published: Mapping[str, PublishedWeights] | None = None,
+    base_url: str | None = None,
+    timeout: float = DOWNLOAD_TIMEOUT_S,
+) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """The state dict for ``--weights`` (ready for a strict ``load_state_dict``) and its provenance.
+
+    ``random`` gives ``(None, ...)``: keep the module's initialisation. ``imagenet`` downloads (once) or
+    raises. ``auto`` tries ``imagenet`` and falls back to random with a loud warning. Anything else is a
+    path to a local checkpoint. ``published`` and ``base_url`` replace the published table and host
+    (``$WEIGHTS_BASE_URL``), for mirrors and tests.
+    """
+    if weights == "random":
+        return None, _provenance("random", note="random initialisation")
+    if weights == "imagenet":
+        return _imagenet(name, cache_dir, published, base_url, timeout)
+    if weights == "auto":
+        try:
+            return _imagenet(name, cache_dir, published, base_url, timeout)
+        except (NoPublishedWeights, WeightsUnavailable, ChecksumError) as exc:
+            variant = parse(name).variant
+            _loud_warning(
+                f"{variant}: using RANDOM weights, predictions will be meaningless. "
+                f"ImageNet weights unavailable: {exc}"
+            )
+            return None, _provenance(
+                "random", note=f"--weights auto fell back to random initialisation: {exc}"
+            )
+
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise WeightsError(
+            f"--weights {weights!r}: not one of {', '.join(WEIGHT_CHOICES)} and not an existing file"
+        )
+    if path.suffix not in LOCAL_SUFFIXES:
+        raise WeightsError(f"--weights {weights!r}: expected a {'/'.join(LOCAL_SUFFIXES)} checkpoint file")
+    state_dict = adapt_state_dict(name, load_file(path))
+    return state_dict, _provenance("file", path=str(path.resolve()), sha256=sha256_file(path))
