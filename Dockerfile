@@ -11,9 +11,10 @@
 #
 # Build arguments: BASE_IMAGE (CPU and export stages), GPU_BASE_IMAGE, JETSON_BASE_IMAGE, WEIGHTS
 # (auto|imagenet|random, passed to build_engines.py --weights), MODELS (space-separated names).
-# pip reads PIP_INDEX_URL / PIP_EXTRA_INDEX_URL from the environment: pass them as build arguments to
-# use a mirror, or a CPU-only torch index for the export stage (the plain torch wheel for x86-64
-# Linux pulls several GB of CUDA libraries that the export does not need).
+# pip reads PIP_INDEX_URL / PIP_EXTRA_INDEX_URL / PIP_FIND_LINKS from the environment: pass them as
+# build arguments to use a mirror, a local wheel directory served over HTTP, or a CPU-only torch
+# index for the export stage (the plain torch wheel for x86-64 Linux pulls several GB of CUDA
+# libraries that the export does not need).
 #
 # Stage order matters for builders without BuildKit, which build every stage above the target:
 # runtime is last, so `docker build .` gives the CPU image; pass --target for the others.
@@ -39,6 +40,7 @@ WORKDIR /app
 FROM base AS export
 ARG PIP_INDEX_URL
 ARG PIP_EXTRA_INDEX_URL
+ARG PIP_FIND_LINKS
 COPY pyproject.toml deploy/requirements.py /tmp/deps/
 RUN python /tmp/deps/requirements.py --pyproject /tmp/deps/pyproject.toml --extra build > /tmp/deps/build.txt \
     && python -m venv /opt/export \
@@ -57,6 +59,7 @@ RUN /opt/export/bin/python build_engines.py --models ${MODELS} --weights "${WEIG
 FROM base AS runtime-venv
 ARG PIP_INDEX_URL
 ARG PIP_EXTRA_INDEX_URL
+ARG PIP_FIND_LINKS
 COPY pyproject.toml deploy/requirements.py /tmp/deps/
 RUN python /tmp/deps/requirements.py --pyproject /tmp/deps/pyproject.toml > /tmp/deps/runtime.txt \
     && python -m venv /opt/venv \
@@ -87,6 +90,7 @@ CMD ["--help"]
 FROM ${GPU_BASE_IMAGE} AS gpu
 ARG PIP_INDEX_URL
 ARG PIP_EXTRA_INDEX_URL
+ARG PIP_FIND_LINKS
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -132,6 +136,7 @@ CMD ["serve"]
 FROM ${JETSON_BASE_IMAGE} AS jetson
 ARG PIP_INDEX_URL
 ARG PIP_EXTRA_INDEX_URL
+ARG PIP_FIND_LINKS
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
