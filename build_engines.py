@@ -49,17 +49,18 @@ class Row:
     """One line of the closing table."""
 
     name: str
-    status: str  # "built", "up to date" or "FAILED: ..."
+    status: str  # "built", "up to date" or "FAILED"
     flops: int = 0
     params: int = 0
     mac: int = 0
     onnx_bytes: int = 0
     parity: float | None = None
     weights: str = ""
+    error: str = ""
 
     @property
     def ok(self) -> bool:
-        return not self.status.startswith("FAILED")
+        return self.status != "FAILED"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,7 +285,8 @@ def build_model(name: str, args: argparse.Namespace, opset: int, tools: dict) ->
         export.export_onnx(module, spec, staging, opset=opset)
         row.parity = export.parity(module, staging, batch_sizes=(1, 4))
         if row.parity > PARITY_TOLERANCE:
-            row.status = f"FAILED: parity {row.parity:.2e} > {PARITY_TOLERANCE:.0e}"
+            row.status = "FAILED"
+            row.error = f"ONNX Runtime and PyTorch differ by {row.parity:.2e} > {PARITY_TOLERANCE:.0e}"
             return row
         final = model_dir / ONNX_FILE
         os.replace(staging, final)
@@ -324,13 +326,14 @@ def format_table(rows: list[Row]) -> str:
     header = ("model", "status", "MFLOPs", "params (M)", "MAC (M)", "ONNX (MB)", "max |diff|", "weights")
     lines = [header]
     for r in rows:
+        counted = r.flops > 0
         lines.append(
             (
                 r.name,
                 r.status,
-                f"{r.flops / 1e6:.1f}",
-                f"{r.params / 1e6:.3f}",
-                f"{r.mac / 1e6:.1f}",
+                f"{r.flops / 1e6:.1f}" if counted else "-",
+                f"{r.params / 1e6:.3f}" if counted else "-",
+                f"{r.mac / 1e6:.1f}" if counted else "-",
                 f"{r.onnx_bytes / 1e6:.2f}" if r.onnx_bytes else "-",
                 f"{r.parity:.1e}" if r.parity is not None else "-",
                 r.weights,
@@ -370,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             row = build_model(name, args, opset, tools)
         except (weights.WeightsError, export.ExportError, OSError, RuntimeError, ValueError) as exc:
-            row = Row(name=name, status=f"FAILED: {exc}")
+            row = Row(name=name, status="FAILED", error=f"{type(exc).__name__}: {exc}")
         seconds = time.perf_counter() - started
         if row.status == "up to date":
             log.info("%s: up to date (%s)", prefix, args.out / name)
@@ -378,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
             built = f"{args.out / name / ONNX_FILE} ({row.onnx_bytes / 1e6:.2f} MB, parity {row.parity:.1e}"
             log.info("%s: built %s, weights %s) in %.1f s", prefix, built, row.weights, seconds)
         else:
-            log.error("%s: %s", prefix, row.status)
+            log.error("%s: FAILED: %s", prefix, row.error)
         rows.append(row)
 
     print(format_table(rows))

@@ -6,10 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import onnxruntime as ort
 import pytest
+import torch
 
 import build_engines
-from models import zoo
+import models
+from models import weights, zoo
 from service.manifest import Manifest, WeightsProvenance, sha256_of
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,6 +88,7 @@ def test_second_run_is_up_to_date_and_force_rebuilds(repository):
     assert (again.stdout + again.stderr).count("up to date") >= len(MODELS)
     assert _mtimes(out) == before, "an up-to-date build must not rewrite anything"
 
+    sha_before = Manifest.load(out / MODELS[0]).onnx.sha256
     forced = run_build("--models", MODELS[0], "--weights", "random", "--out", str(out), "--force")
     assert forced.returncode == 0, forced.stderr
     after = _mtimes(out)
@@ -91,7 +96,31 @@ def test_second_run_is_up_to_date_and_force_rebuilds(repository):
     assert after[f"{MODELS[0]}/model.json"] != before[f"{MODELS[0]}/model.json"]
     assert after[f"{MODELS[1]}/model.json"] == before[f"{MODELS[1]}/model.json"]
     # Random initialisation is seeded, so a forced rebuild reproduces the same file.
-    assert Manifest.load(out / MODELS[0]).onnx.sha256 == sha256_of(out / MODELS[0] / "model.onnx")
+    assert sha256_of(out / MODELS[0] / "model.onnx") == sha_before
+    assert Manifest.load(out / MODELS[0]).onnx.sha256 == sha_before
+
+
+@pytest.mark.slow
+def test_weights_from_a_local_file_are_exported_and_recorded(tmp_path):
+    name = MODELS[0]
+    torch.manual_seed(123)
+    module = weights.calibrate_batchnorm(models.create(name), zoo.parse(name).input_shape, seed=123)
+    checkpoint = tmp_path / "finetuned.pth"
+    torch.save({"model": {f"module.{k}": v for k, v in module.state_dict().items()}, "epoch": 9}, checkpoint)
+    out = tmp_path / "repo"
+
+    result = run_build("--models", name, "--weights", str(checkpoint), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    manifest = Manifest.load(out / name)
+    assert manifest.weights.source == "file"
+    assert manifest.weights.path == str(checkpoint.resolve())
+    assert manifest.weights.sha256 == sha256_of(checkpoint)
+    # The exported network is the checkpoint's, not a random one.
+    x = torch.randn(2, *zoo.parse(name).input_shape)
+    session = ort.InferenceSession(str(out / name / "model.onnx"), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(["logits"], {"input": x.numpy()})
+    with torch.no_grad():
+        assert np.abs(logits - module(x).numpy()).max() <= build_engines.PARITY_TOLERANCE
 
 
 @pytest.mark.slow
@@ -156,3 +185,20 @@ def test_model_selection():
     assert build_engines.parse_args([]).models == list(zoo.DEFAULT_MODELS)
     with pytest.raises(zoo.UnknownModelError):
         build_engines.select_models(["mobilenet_v2:int8"])
+
+
+def test_parity_failure_fails_the_build_and_publishes_nothing(tmp_path, monkeypatch, capsys):
+    from models import export
+
+    def fake_export(module, spec, path, opset=export.DEFAULT_OPSET):
+        Path(path).write_bytes(b"onnx")
+        return Path(path)
+
+    monkeypatch.setattr(export, "export_onnx", fake_export)
+    monkeypatch.setattr(export, "parity", lambda module, path, batch_sizes=(1, 4): 0.5)
+    code = build_engines.main(
+        ["--models", "shufflenet_v2_0.5x", "--weights", "random", "--out", str(tmp_path)]
+    )
+    assert code != 0
+    assert list((tmp_path / "shufflenet_v2_0.5x").iterdir()) == []
+    assert "FAILED" in capsys.readouterr().out
