@@ -46,11 +46,11 @@ DOWNLOAD_TIMEOUT_S = 30.0
 WEIGHT_CHOICES = ("auto", "imagenet", "random")
 LOCAL_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 
-# timm's MobileNet v1 1.0 (ImageNet-1k top-1 ~76.4 % at 256 px test size). The URL is pinned to the hub
-# commit that added the file, so its bytes cannot change under us. No SHA-256 of the file is published
-# anywhere we could check it against, so none is pinned: the digest seen on the first download is
-# recorded beside the cached file (trust on first use), re-checked on every later use, and written into
-# every manifest built from it.
+# timm's MobileNet v1 1.0, trained on ImageNet-1k with its "ra4" recipe. The URL is pinned to the hub
+# commit that added the file, so its bytes cannot change under us. Its SHA-256 (the hub shows it as the
+# file's LFS object id) could not be confirmed when this was written, so none is pinned: the digest seen
+# on the first download is recorded beside the cached file (trust on first use), re-checked on every
+# later use, and written into every manifest built from it. Pin it in ``sha256`` once confirmed.
 # The checkpoint was trained and evaluated with timm's preprocessing, which differs from the zoo's default:
 # bicubic interpolation, mean = std = (0.5, 0.5, 0.5), crop_pct 0.875 (0.95 at its 256 px test size).
 TIMM_MOBILENET_V1_100 = PublishedWeights(
@@ -281,8 +281,9 @@ _BN_BUFFER = ".num_batches_tracked"
 
 
 def _fill_batch_counters(state_dict: dict[str, Any], target: Mapping[str, Any]) -> None:
-    # Checkpoints saved before PyTorch 0.4.1 (torchvision's MobileNet v2 and ShuffleNet v2 among them)
-    # lack BatchNorm's num_batches_tracked; it does not affect inference, so fill it in.
+    # Checkpoints saved before PyTorch 0.4.1 lack BatchNorm's num_batches_tracked, and a state dict copied
+    # out of them loses the version metadata that lets BatchNorm excuse its absence. It does not affect
+    # inference, so fill it in.
     for key, value in target.items():
         if key.endswith(_BN_BUFFER) and key not in state_dict:
             prefix = key[: -len(_BN_BUFFER)]

@@ -355,6 +355,18 @@ def test_local_file_unwraps_and_records_provenance(checkpoint, tmp_path):
     }
 
 
+def test_checkpoint_files_load_without_running_pickled_code(tmp_path):
+    # torchvision's 2018 checkpoints use the pre-zip serialization; both formats must load.
+    legacy = tmp_path / "legacy.pth"
+    torch.save({"w": torch.ones(2)}, legacy, _use_new_zipfile_serialization=False)
+    assert torch.equal(weights.load_file(legacy)["w"], torch.ones(2))
+
+    hostile = tmp_path / "hostile.pth"
+    torch.save({"w": torch.ones(2), "hook": _TinyNet}, hostile)
+    with pytest.raises(weights.WeightsError, match="cannot load"):
+        weights.load_file(hostile)
+
+
 def test_published_table():
     for res in zoo.MOBILENET_V1_RESOLUTIONS:
         assert zoo.parse(f"mobilenet_v1_1.0_{res}").weights is weights.TIMM_MOBILENET_V1_100
