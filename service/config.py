@@ -8,6 +8,7 @@ Every variable is documented in the README with its default.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -16,14 +17,38 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Backend = Literal["auto", "tensorrt", "onnxruntime-tensorrt", "onnxruntime-cuda", "onnxruntime-cpu"]
 
-# Batching defaults for ONNX Runtime on CPU, measured on a 2-vCPU box (MobileNet v2 / ShuffleNet v2,
-# intra-op threads 1): per-image cost at batch 1/2/4/8 was 7.0/7.0/7.1/7.3 ms and 4.6/4.4/4.3/4.3 ms.
-# A CPU gains next to nothing per image from a bigger batch, so waiting for one only adds latency:
-# the batcher never waits (delay 0) and takes whatever is already queued, up to 4, when it frees up.
-# That keeps the batch-1 latency at low load and still amortises the per-call overhead under load.
-# A GPU backend wants the opposite (batch 8+ and a few ms of delay): set the variables there.
-DEFAULT_MAX_BATCH_SIZE = 4
-DEFAULT_MAX_QUEUE_DELAY_MS = 0.0
+GPU_BACKENDS = frozenset({"tensorrt", "onnxruntime-tensorrt", "onnxruntime-cuda"})
+
+
+@dataclass(frozen=True)
+class BatchingPolicy:
+    """How one model's batcher forms and runs batches."""
+
+    max_batch_size: int
+    max_queue_delay_ms: float
+    max_concurrent_batches: int
+
+
+# Defaults per backend, used for whatever MAX_BATCH_SIZE / MAX_QUEUE_DELAY_MS / MAX_CONCURRENT_BATCHES
+# leave unset.
+#
+# CPU, measured on this 2-vCPU box (ONNX Runtime 1.32, the four default models, random weights):
+# * Per image, batching buys nothing at intra-op threads 1: ms/image at batch 1/2/4/8 was
+#   11.7/11.4/11.6/16.9 (MobileNet v1), 8.3/8.4/7.7/7.9 (v2), 4.4/4.8/4.2/4.5 (ShuffleNet v1),
+#   5.8/6.1/7.5/5.1 (v2): within noise, and worse at 8 once the activations leave the cache.
+# * Served at concurrency 16 (500x375 JPEGs, MobileNet v2, two rounds), batch 1 with two batches
+#   in flight gave 101 and 97 req/s; batch 4 with two in flight 71 and 67; batch 4 one at a time 61
+#   and 63; batch 1 one at a time 86 and 71. A wait for a fuller batch (8, 5 ms) only added latency:
+#   ShuffleNet v2 p50 at concurrency 1 went from 9-13 ms to 15-19 ms.
+# * Intra-op threads 2 was slower, not faster, and erratic (MobileNet v1 batch 1: 28.6 ms vs 11.7).
+# So on CPU each request runs alone (batch 1, no delay) on one thread, one batch per core at a
+# time: the parallelism comes from running requests side by side, not from stacking them.
+#
+# GPU: not measurable here (no GPU on this box). A GPU does gain per image from large batches, so
+# the starting point is batch 16 with a 2 ms window and two batches in flight (one copying while
+# the other computes); measure on the target card and set the variables.
+CPU_BATCHING = BatchingPolicy(max_batch_size=1, max_queue_delay_ms=0.0, max_concurrent_batches=0)
+GPU_BATCHING = BatchingPolicy(max_batch_size=16, max_queue_delay_ms=2.0, max_concurrent_batches=2)
 
 
 class ConfigError(ValueError):
@@ -47,12 +72,12 @@ class Settings(BaseSettings):
     backend: Backend = "auto"
 
     # --- dynamic batching and admission ----------------------------------------------------
-    max_batch_size: int = Field(DEFAULT_MAX_BATCH_SIZE, ge=1, le=256)
-    max_queue_delay_ms: float = Field(DEFAULT_MAX_QUEUE_DELAY_MS, ge=0, le=10_000)
+    # Unset: the backend's default (CPU_BATCHING / GPU_BATCHING above).
+    max_batch_size: int | None = Field(None, ge=1, le=256)
+    max_queue_delay_ms: float | None = Field(None, ge=0, le=10_000)
+    # Batches of one model that may run at the same time; 0 means one per CPU core.
+    max_concurrent_batches: int | None = Field(None, ge=0)
     max_queue_size: int = Field(64, ge=1)
-    # Batches of one model that may run at the same time: with intra-op threads 1 on CPU, one per
-    # core keeps every core busy, where one batch at a time leaves the others to decoding only.
-    max_concurrent_batches: int = Field(0, ge=0, description="0: one per CPU core")
     request_timeout_s: float = Field(10.0, gt=0)
 
     # --- input limits --------------------------------------------------------------------------
@@ -90,9 +115,19 @@ class Settings(BaseSettings):
     def decode_workers(self) -> int:
         return self.decode_threads or cpu_count()
 
-    @property
-    def batches_in_flight(self) -> int:
-        return self.max_concurrent_batches or cpu_count()
+    def batching_for(self, backend: str) -> BatchingPolicy:
+        """The batching policy for a model running on ``backend``: the settings over its defaults."""
+        default = GPU_BATCHING if backend in GPU_BACKENDS else CPU_BATCHING
+
+        def pick(value: float | None, fallback: float) -> float:
+            return fallback if value is None else value
+
+        return BatchingPolicy(
+            max_batch_size=int(pick(self.max_batch_size, default.max_batch_size)),
+            max_queue_delay_ms=float(pick(self.max_queue_delay_ms, default.max_queue_delay_ms)),
+            max_concurrent_batches=int(pick(self.max_concurrent_batches, default.max_concurrent_batches))
+            or cpu_count(),
+        )
 
 
 def cpu_count() -> int:

@@ -187,21 +187,21 @@ class ModelRepository:
             raise ModelLoadFailed(ModelStatus.FAILED, str(exc)) from exc
         if settings.warmup:
             try:
-                _warm_up(runtime, manifest, settings.max_batch_size)
+                _warm_up(runtime, manifest, settings.batching_for(runtime.name).max_batch_size)
             except Exception as exc:
                 runtime.close()
                 raise ModelLoadFailed(ModelStatus.FAILED, f"warm-up failed: {exc}") from exc
         return manifest, runtime
 
     def _serve(self, model: ServedModel, manifest: Manifest, runtime: Runtime, load_seconds: float) -> None:
-        settings = self._settings
+        policy = self._settings.batching_for(runtime.name)
         batcher = Batcher(
             model.name,
             runtime,
-            max_batch_size=settings.max_batch_size,
-            max_queue_delay_ms=settings.max_queue_delay_ms,
-            max_queue_size=settings.max_queue_size,
-            max_concurrent_batches=settings.batches_in_flight,
+            max_batch_size=policy.max_batch_size,
+            max_queue_delay_ms=policy.max_queue_delay_ms,
+            max_queue_size=self._settings.max_queue_size,
+            max_concurrent_batches=policy.max_concurrent_batches,
             metrics=self._metrics,
         )
         batcher.start()
@@ -222,12 +222,15 @@ class ModelRepository:
         self._metrics.track_queue_depth(model.name, lambda: batcher.depth)
         self._metrics.set_ready(model.name, True)
         log.info(
-            "%s ready on %s (%s, weights %s) in %.2f s",
+            "%s ready on %s (%s, weights %s) in %.2f s; batches of up to %d, %.1f ms window, %d in flight",
             model.name,
             runtime.name,
             runtime.precision,
             manifest.weights.source,
             load_seconds,
+            policy.max_batch_size,
+            policy.max_queue_delay_ms,
+            policy.max_concurrent_batches,
         )
 
     def _give_up(self, model: ServedModel, status: ModelStatus, reason: str) -> None:

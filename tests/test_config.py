@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from service.config import ConfigError, Settings, load_settings
+from service.config import (
+    CPU_BATCHING,
+    GPU_BATCHING,
+    BatchingPolicy,
+    ConfigError,
+    Settings,
+    cpu_count,
+    load_settings,
+)
 
 
 def test_defaults_and_environment(monkeypatch):
@@ -18,7 +26,19 @@ def test_defaults_and_environment(monkeypatch):
     assert settings.warmup is False
     assert settings.log_level == "DEBUG"
     assert settings.backend == "auto"
-    assert settings.decode_workers >= 1 and settings.batches_in_flight >= 1
+    assert settings.decode_workers >= 1
+
+
+def test_batching_defaults_depend_on_the_backend_and_settings_win(monkeypatch):
+    for variable in ("MAX_BATCH_SIZE", "MAX_QUEUE_DELAY_MS", "MAX_CONCURRENT_BATCHES"):
+        monkeypatch.delenv(variable, raising=False)
+    defaults = load_settings()
+    cpu = defaults.batching_for("onnxruntime-cpu")
+    assert (cpu.max_batch_size, cpu.max_queue_delay_ms) == (CPU_BATCHING.max_batch_size, 0.0)
+    assert cpu.max_concurrent_batches == cpu_count()  # 0 in the table: one per core
+    assert defaults.batching_for("onnxruntime-cuda") == GPU_BATCHING
+    explicit = load_settings(max_batch_size=8, max_queue_delay_ms=0, max_concurrent_batches=1)
+    assert explicit.batching_for("onnxruntime-cuda") == BatchingPolicy(8, 0.0, 1)
 
 
 def test_an_empty_models_variable_means_discover(monkeypatch):
