@@ -16,8 +16,10 @@
 # index for the export stage (the plain torch wheel for x86-64 Linux pulls several GB of CUDA
 # libraries that the export does not need).
 #
-# Stage order matters for builders without BuildKit, which build every stage above the target:
-# runtime is last, so `docker build .` gives the CPU image; pass --target for the others.
+# runtime is the last stage, so `docker build .` gives the CPU image. Build with BuildKit (the default
+# since Docker 23 and in Compose v2): it builds only the stages a target needs. The legacy builder
+# builds, and pulls the bases of, every stage above the target, the GPU ones included; on older
+# engines set DOCKER_BUILDKIT=1 (with docker-compose 1.x also COMPOSE_DOCKER_CLI_BUILD=1).
 
 ARG BASE_IMAGE=python:3.11-slim
 # TensorRT 10 + CUDA 12 (matches the onnxruntime-gpu wheels), Ubuntu 24.04, Python 3.12.
