@@ -471,6 +471,18 @@ def test_cpu_overlay_serves_the_baked_models():
     assert ":" in server["image"] and not server["image"].endswith(("-gpu", "-jetson"))
     assert "args" not in server and "command" not in server, "the image's CMD starts the server"
     assert _config(docs, server)["BACKEND"] == "onnxruntime-cpu"
+    # Sized from the pod's CPU limit, not the node's cores.
+    sized = {var["name"]: var["valueFrom"]["resourceFieldRef"] for var in server["env"] if "valueFrom" in var}
+    assert sized.keys() == {"DECODE_THREADS", "MAX_CONCURRENT_BATCHES"}
+    assert all(ref["resource"] == "limits.cpu" for ref in sized.values())
+
+
+@pytest.mark.parametrize("overlay", ["gpu", "jetson"])
+def test_accelerator_overlays_keep_the_gpu_batching_defaults(overlay):
+    docs = _docs(overlay)
+    server = _server(_pod_spec(docs))
+    names = {var["name"] for var in server.get("env", [])} | _config(docs, server).keys()
+    assert names.isdisjoint({"MAX_BATCH_SIZE", "MAX_QUEUE_DELAY_MS", "MAX_CONCURRENT_BATCHES"})
 
 
 # ---------------------------------------------------------------------------------------------
