@@ -14,8 +14,13 @@ import time
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
-# Attributes every LogRecord has; anything else was passed through ``extra=`` and is logged as a field.
-_STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+# Attributes every LogRecord has; anything else was passed through ``extra=`` and is logged as a field
+# (except uvicorn's ``color_message``, the same text with terminal colour codes).
+_STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
+    "message",
+    "asctime",
+    "color_message",
+}
 
 
 class JsonFormatter(logging.Formatter):
