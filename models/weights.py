@@ -2,16 +2,15 @@
 
 Three concerns live here, in this order:
 
-* the published checkpoints the build step may use (torchvision's, listed in :data:`models.zoo.PUBLISHED`,
-  and timm's ``mobilenetv1_100`` for MobileNet v1 1.0, registered below);
+* the published checkpoints the build step may use (torchvision's and timm's ``mobilenetv1_100``, listed
+  in :data:`models.zoo.PUBLISHED`);
 * a download cache that only ever holds verified files: a download is streamed to a temporary file
   in the cache directory, its SHA-256 checked, and only then renamed into place, so an interrupted or
   tampered download never poisons the cache; a cached file is re-verified before every use;
 * :func:`adapt_state_dict`, which turns a checkpoint's state dict into the layout ``models.create``
   loads strictly, and :func:`resolve`, which implements ``--weights auto|imagenet|random|PATH``.
 
-torch is imported lazily so that importing this module (which registers the timm checkpoint in the
-zoo) stays as cheap as importing the zoo.
+torch is imported lazily so that importing this module stays as cheap as importing the zoo.
 """
 
 from __future__ import annotations
@@ -45,30 +44,6 @@ BASE_URL_ENV = "WEIGHTS_BASE_URL"
 DOWNLOAD_TIMEOUT_S = 30.0
 WEIGHT_CHOICES = ("auto", "imagenet", "random")
 LOCAL_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
-
-# timm's MobileNet v1 1.0, trained on ImageNet-1k with its "ra4" recipe. The URL is pinned to the hub
-# commit that added the file, so its bytes cannot change under us. Its SHA-256 (the hub shows it as the
-# file's LFS object id) could not be confirmed when this was written, so none is pinned: the digest seen
-# on the first download is recorded beside the cached file (trust on first use), re-checked on every
-# later use, and written into every manifest built from it. Pin it in ``sha256`` once confirmed.
-# The checkpoint was trained and evaluated with timm's preprocessing, which differs from the zoo's default:
-# bicubic interpolation, mean = std = (0.5, 0.5, 0.5), crop_pct 0.875 (0.95 at its 256 px test size).
-TIMM_MOBILENET_V1_100 = PublishedWeights(
-    url=(
-        "https://huggingface.co/timm/mobilenetv1_100.ra4_e3600_r224_in1k/resolve/"
-        "dda9ab42e23f3061aa191630817df76e8fe9cace/pytorch_model.bin"
-    ),
-    sha256="",
-    layout="timm",
-    note="timm mobilenetv1_100.ra4_e3600_r224_in1k; trained with bicubic resize and mean=std=0.5",
-)
-
-# Global pooling makes the checkpoint resolution-independent, so every MobileNet v1 1.0 variant uses it.
-zoo.PUBLISHED.update(
-    {f"mobilenet_v1_1.0_{res}": TIMM_MOBILENET_V1_100 for res in zoo.MOBILENET_V1_RESOLUTIONS}
-)
-# parse() caches specs, including their ``weights``; specs parsed before this registration would miss it.
-parse.cache_clear()
 
 
 class WeightsError(RuntimeError):

@@ -54,8 +54,8 @@ class Preprocessing:
     interpolation: str = "bilinear"
 
     @classmethod
-    def for_resolution(cls, crop: int, crop_pct: float = DEFAULT_CROP_PCT) -> Preprocessing:
-        return cls(resize=math.floor(crop / crop_pct), crop=crop)
+    def for_resolution(cls, crop: int, crop_pct: float = DEFAULT_CROP_PCT, **kwargs) -> Preprocessing:
+        return cls(resize=math.floor(crop / crop_pct), crop=crop, **kwargs)
 
     def to_dict(self) -> dict:
         return {
@@ -101,6 +101,20 @@ class ModelSpec:
 # ---------------------------------------------------------------------------------------------
 # Published checkpoints. torchvision file names carry the first hex digits of the file's SHA-256.
 _TV = "https://download.pytorch.org/models/"
+# timm's MobileNet v1 1.0, trained on ImageNet-1k with its "ra4" recipe. The URL is pinned to the hub
+# commit that added the file, so its bytes cannot change under us. Its SHA-256 could not be confirmed
+# when this was written, so none is pinned (empty): models.weights records the digest seen on the first
+# download beside the cached file (trust on first use), re-checks it on every later use and writes it
+# into every manifest built from it. Pin it here once confirmed.
+TIMM_MOBILENET_V1_100 = PublishedWeights(
+    url=(
+        "https://huggingface.co/timm/mobilenetv1_100.ra4_e3600_r224_in1k/resolve/"
+        "dda9ab42e23f3061aa191630817df76e8fe9cace/pytorch_model.bin"
+    ),
+    sha256="",
+    layout="timm",
+    note="timm mobilenetv1_100.ra4_e3600_r224_in1k; trained with bicubic resize and mean=std=0.5",
+)
 PUBLISHED: dict[str, PublishedWeights] = {
     "mobilenet_v2_1.0_224": PublishedWeights(_TV + "mobilenet_v2-b0353104.pth", "b0353104", "torchvision"),
     "shufflenet_v2_0.5x": PublishedWeights(
@@ -111,8 +125,13 @@ PUBLISHED: dict[str, PublishedWeights] = {
     ),
     "shufflenet_v2_1.5x": PublishedWeights(_TV + "shufflenetv2_x1_5-3c479a10.pth", "3c479a10", "torchvision"),
     "shufflenet_v2_2.0x": PublishedWeights(_TV + "shufflenetv2_x2_0-8be3c8ee.pth", "8be3c8ee", "torchvision"),
-    # mobilenet_v1_1.0_224 (timm mobilenetv1_100) is added by models.weights, which owns its URL and digest.
+    # Global pooling makes the checkpoint resolution-independent: every MobileNet v1 1.0 variant uses it.
+    **{f"mobilenet_v1_1.0_{res}": TIMM_MOBILENET_V1_100 for res in MOBILENET_V1_RESOLUTIONS},
 }
+
+# MobileNet v1 was trained (TF-slim, and timm's checkpoint above) on inputs scaled to [-1, 1]:
+# mean = std = 0.5. timm's checkpoint also resizes bicubically. The other families follow torchvision.
+INCEPTION_MEAN_STD = (0.5, 0.5, 0.5)
 
 
 def _fmt(value: float) -> str:
@@ -180,7 +199,9 @@ def _mobilenet_v1(name: str, alpha: str, res: str) -> ModelSpec:
         "mobilenet_v1",
         {"width_multiplier": width},
         resolution,
-        Preprocessing.for_resolution(resolution),
+        Preprocessing.for_resolution(
+            resolution, mean=INCEPTION_MEAN_STD, std=INCEPTION_MEAN_STD, interpolation="bicubic"
+        ),
         PUBLISHED.get(variant),
     )
 

@@ -369,7 +369,7 @@ def test_checkpoint_files_load_without_running_pickled_code(tmp_path):
 
 def test_published_table():
     for res in zoo.MOBILENET_V1_RESOLUTIONS:
-        assert zoo.parse(f"mobilenet_v1_1.0_{res}").weights is weights.TIMM_MOBILENET_V1_100
+        assert zoo.parse(f"mobilenet_v1_1.0_{res}").weights is zoo.TIMM_MOBILENET_V1_100
     assert zoo.parse("mobilenet_v1_0.5_224").weights is None
     assert zoo.parse("shufflenet_v2").weights.layout == "torchvision"
     assert zoo.parse("shufflenet_v1").weights is None
