@@ -8,7 +8,7 @@ WEIGHTS ?= auto
 HOST   ?= 0.0.0.0
 PORT   ?= 8000
 
-.PHONY: help venv install models run test lint format clean
+.PHONY: help venv install models run test test-tools test-image lint format clean
 
 help:
 	@echo "make run    - create .venv, install, build the model repository, serve on :$(PORT)"
@@ -37,9 +37,19 @@ format: $(VENV)/.installed
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-test: $(VENV)/.installed
+# System tools the tests start for real: Prometheus/promtool, docker-compose, shellcheck, kubectl.
+test-tools: $(VENV)/.installed
+	sh monitoring/install-prometheus.sh
+	sh deploy/install-test-tools.sh $(VENV)
+
+test: test-tools
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest -q
+	$(PY) deploy/image_test.py
+
+# Builds the runtime image with a local Docker engine, classifies through it, stops it.
+test-image: $(VENV)/.installed
+	$(PY) deploy/image_test.py
 
 clean:
 	rm -rf $(REPO) .pytest_cache .ruff_cache
