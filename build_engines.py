@@ -1,14 +1,19 @@
-"""Build the model repository: ONNX models and their manifests (and, later, TensorRT engines).
+"""Build the model repository: ONNX models, reduced-precision variants, TensorRT engines, manifests.
 
     python build_engines.py [--models all|NAME ...] [--weights auto|imagenet|random|PATH]
                             [--out model_repository] [--target cpu|gpu|jetson]
-                            [--precision fp32|fp16|int8] [--max-batch N] [--calibration-images DIR]
-                            [--force]
+                            [--precision fp32|fp16|int8 ...] [--max-batch N] [--calibration-images DIR]
+                            [--dla-core N] [--force]
 
 For each model: resolve its weights, export ONNX with a dynamic batch axis, check it with onnx.checker
 and against PyTorch through ONNX Runtime, and write ``<out>/<name>/{model.onnx, model.json}``. A model
 whose outputs are up to date (same ONNX file, built from the same variant, weights, opset, tools and
 model code) is skipped unless ``--force``.
+
+``--precision fp16`` / ``int8`` (one or more) also write ``model.fp16.onnx`` / ``model.int8.onnx`` beside
+it (models/precision.py), with their agreement with fp32 on held-out images in the manifest; the
+server serves them as ``<name>:fp16`` / ``<name>:int8``. ``--target gpu|jetson`` then builds a TensorRT
+engine per precision into ``<name>/engines/`` on this machine's GPU (models/tensorrt_build.py).
 """
 
 from __future__ import annotations
@@ -21,11 +26,13 @@ import platform
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 from models import zoo
+from models.precision import PrecisionError
+from models.tensorrt_build import TensorRTBuildError
 from service.manifest import (
     Manifest,
     OnnxFile,
@@ -57,6 +64,8 @@ class Row:
     parity: float | None = None
     weights: str = ""
     error: str = ""
+    # one line per reduced-precision variant and per engine, printed under the table
+    details: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -89,16 +98,59 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--out", type=Path, default=Path("model_repository"), help="model repository directory"
     )
-    parser.add_argument("--target", choices=("cpu", "gpu", "jetson"), default="cpu")
-    parser.add_argument("--precision", choices=zoo.PRECISIONS, default="fp32")
+    parser.add_argument(
+        "--target",
+        choices=("cpu", "gpu", "jetson"),
+        default="cpu",
+        help="cpu: ONNX models only; gpu / jetson: also TensorRT engines, built on this machine's GPU",
+    )
+    parser.add_argument(
+        "--precision",
+        nargs="+",
+        choices=zoo.PRECISIONS,
+        default=["fp32"],
+        metavar="fp32|fp16|int8",
+        help="precisions to build (fp32 is always built: the others are made from it)",
+    )
     parser.add_argument(
         "--max-batch", type=int, default=32, metavar="N", help="largest batch of engine profiles"
     )
-    parser.add_argument("--calibration-images", type=Path, metavar="DIR", help="images for int8 calibration")
+    parser.add_argument(
+        "--calibration-images",
+        type=Path,
+        metavar="DIR",
+        help="images for int8 calibration (default: the project's generated photos; real ones are better)",
+    )
+    parser.add_argument(
+        "--calibration-count", type=int, default=32, metavar="N", help="images used for int8 calibration"
+    )
+    parser.add_argument(
+        "--held-out-count", type=int, default=32, metavar="N", help="images the agreement is measured on"
+    )
+    parser.add_argument(
+        "--dla-core", type=int, metavar="N", help="Jetson: build for DLA core N (GPU fallback on)"
+    )
+    parser.add_argument(
+        "--contexts",
+        type=int,
+        default=2,
+        metavar="N",
+        help="engine profiles, one per batch the server runs at the same time",
+    )
+    parser.add_argument(
+        "--workspace-mib", type=int, default=1024, metavar="MIB", help="TensorRT workspace cap"
+    )
     parser.add_argument("--force", action="store_true", help="rebuild even when outputs are up to date")
     args = parser.parse_args(argv)
     if args.max_batch < 1:
         parser.error("--max-batch must be at least 1")
+    if args.calibration_count < 1 or args.held_out_count < 1:
+        parser.error("--calibration-count and --held-out-count must be at least 1")
+    if args.contexts < 1 or args.workspace_mib < 1:
+        parser.error("--contexts and --workspace-mib must be at least 1")
+    if args.dla_core is not None and args.target != "jetson":
+        parser.error("--dla-core needs --target jetson (DLA cores are on Jetson modules)")
+    args.precision = list(dict.fromkeys(args.precision))
     return args
 
 
@@ -121,10 +173,20 @@ def select_models(requested: list[str]) -> list[str]:
 
 
 def _tensorrt_problem() -> str | None:
+    """Why TensorRT cannot be used here, or None."""
     try:
-        import tensorrt  # noqa: F401
+        import tensorrt
     except ImportError as exc:
-        return f"the TensorRT Python package 'tensorrt' is not importable ({exc})"
+        return (
+            f"the TensorRT Python package 'tensorrt' is not importable ({exc}); install TensorRT 10 or 11 "
+            "(pip install '.[gpu]' on x86-64, JetPack's python3-libnvinfer on a Jetson)"
+        )
+    from models.tensorrt_build import check_version
+
+    try:
+        check_version(tensorrt.__version__)
+    except TensorRTBuildError as exc:
+        return str(exc)
     return None
 
 
@@ -145,30 +207,36 @@ def _on_jetson() -> bool:
 
 
 def check_target(args: argparse.Namespace, names: list[str]) -> list[str]:
-    """Problems that prevent building for ``args.target`` / ``args.precision`` here (empty: none)."""
+    """Problems that prevent building for ``args.target`` here (empty: none), each saying what to do."""
+    from models.tensorrt_build import jetson_command
+
     problems: list[str] = []
     if args.target == "jetson" and not _on_jetson():
-        command = (
-            f"python build_engines.py --target jetson --models {' '.join(names)} "
-            f"--precision {args.precision} --max-batch {args.max_batch}"
+        command = jetson_command(
+            names, args.precision, args.max_batch, args.dla_core, args.calibration_images
         )
-        problems.append(
+        # What else this machine lacks does not matter: the build has to happen over there.
+        return [
             "this machine is not a Jetson. Jetson engines must be built on the Jetson itself "
             "(TensorRT engines are specific to the GPU and TensorRT version that build them and "
-            f"cannot be cross-built). Run there: {command}"
-        )
+            f"cannot be cross-built). Copy the repository there and run: {command}"
+        ]
     if args.target in ("gpu", "jetson"):
         trt = _tensorrt_problem()
         if trt:
             problems.append(trt)
         if args.target == "gpu" and not _nvidia_gpu_present():
-            problems.append("no NVIDIA GPU found (no /proc/driver/nvidia/gpus entry or /dev/nvidia* device)")
-        if not problems:
             problems.append(
-                f"TensorRT engine builds (--target {args.target}) are not implemented in this build yet"
+                "no NVIDIA GPU found (no /proc/driver/nvidia/gpus entry or /dev/nvidia* device): run this "
+                "on the machine whose GPU will serve the engines, with the NVIDIA driver installed"
             )
-    if args.precision != "fp32" and not problems:
-        problems.append(f"--precision {args.precision} is not implemented in this build yet; use fp32")
+    if args.calibration_images is not None and "int8" in args.precision:
+        from models.precision import image_files
+
+        try:
+            image_files(args.calibration_images)
+        except PrecisionError as exc:
+            problems.append(str(exc))
     return problems
 
 
@@ -193,13 +261,18 @@ def tool_versions() -> dict[str, str]:
     }
 
 
+# Modules of models/ that cannot change model.onnx: the summary CLI, and the reduced-precision and
+# TensorRT steps (which record their own inputs beside what they build).
+_NOT_IN_EXPORT = {"__main__.py", "precision.py", "tensorrt_build.py"}
+
+
 def _models_code_digest() -> str:
     # Random-weight builds are reproducible (fixed seed), so an edit of the architectures, the key mapping,
     # the exporter or the cost model is what changes the outputs without changing the variant or the
     # weights: fold that code into the up-to-date check. The summary CLI changes nothing built.
     digest = hashlib.sha256()
     for source in sorted(Path(zoo.__file__).parent.glob("*.py")):
-        if source.name == "__main__.py":
+        if source.name in _NOT_IN_EXPORT:
             continue
         digest.update(source.name.encode())
         digest.update(source.read_bytes())
@@ -314,8 +387,99 @@ def build_model(name: str, args: argparse.Namespace, opset: int, tools: dict) ->
         tools=tools,
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
     )
+    manifest = _carry_over(model_dir, manifest)
     manifest.save(model_dir)
     return row
+
+
+def _carry_over(model_dir: Path, manifest: Manifest) -> Manifest:
+    """Keep the earlier manifest's variants and engines that were made from this very ONNX file
+    (a forced rebuild of a seeded export reproduces it); drop the rest, which are stale."""
+    try:
+        previous = Manifest.load(model_dir)
+    except (OSError, ValueError):
+        return manifest
+    variants = [v for v in previous.precisions if v.source_sha256 == manifest.onnx.sha256]
+    sources = {manifest.onnx.sha256, *(v.onnx.sha256 for v in variants)}
+    engines = [e for e in previous.engines if e.source_sha256 in sources]
+    return manifest.model_copy(update={"precisions": variants, "engines": engines})
+
+
+def build_precisions(name: str, args: argparse.Namespace, row: Row) -> None:
+    """The reduced-precision variants of one built model, measured and recorded in its manifest."""
+    from models import precision as reduced
+
+    model_dir = args.out / name
+    # TensorRT takes only symmetric int8 (and no int32 biases): a GPU build quantizes for it.
+    recipe = "tensorrt" if args.target in ("gpu", "jetson") else "cpu"
+    split = reduced.split_images(
+        args.calibration_images,
+        calibration_count=args.calibration_count,
+        held_out_count=args.held_out_count,
+    )
+    if args.calibration_images is None and "int8" in args.precision:
+        log.warning(
+            "%s: int8 calibration on the project's generated photos; real images (--calibration-images DIR) "
+            "calibrate better",
+            name,
+        )
+    for precision in args.precision:
+        if precision == "fp32":
+            continue
+        manifest = Manifest.load(model_dir)
+        if not args.force and reduced.variant_up_to_date(model_dir, manifest, precision, recipe, split):
+            variant = next(v for v in manifest.precisions if v.precision == precision)
+            row.details.append(_variant_line(name, variant, "up to date"))
+            continue
+        variant = reduced.build_variant(model_dir, manifest, precision, recipe=recipe, split=split)
+        reduced.with_variant(Manifest.load(model_dir), variant).save(model_dir)
+        row.details.append(_variant_line(name, variant, "built"))
+
+
+def _variant_line(name: str, variant, status: str) -> str:
+    recipe = f", {variant.recipe} recipe" if variant.recipe else ""
+    return (
+        f"{name}:{variant.precision} {status}: {variant.onnx.file} "
+        f"({variant.onnx.bytes / 1e6:.2f} MB{recipe}); "
+        f"vs fp32 on {variant.held_out}: top-1 agreement {variant.top1_agreement:.1%}, "
+        f"max |logit diff| {variant.max_abs_logit_diff:.3g}, mean {variant.mean_abs_logit_diff:.3g}"
+    )
+
+
+def build_tensorrt(name: str, args: argparse.Namespace, row: Row, device, trt_version: str) -> None:
+    """One TensorRT engine per requested precision for one built model, recorded in its manifest."""
+    from models import tensorrt_build as trtb
+
+    model_dir = args.out / name
+    for precision in args.precision:
+        manifest = Manifest.load(model_dir)
+        variant = next((v for v in manifest.precisions if v.precision == precision), None)
+        plan = trtb.plan_build(
+            trt_version,
+            precision,
+            max_batch=args.max_batch,
+            dla_core=args.dla_core,
+            contexts=args.contexts,
+            workspace_mib=args.workspace_mib,
+            int8_recipe=variant.recipe if variant is not None else None,
+        )
+        built = trtb.build_engine(
+            model_dir,
+            manifest,
+            plan,
+            device,
+            timing_cache_dir=args.out / trtb.TIMING_CACHE_DIR,
+            force=args.force,
+        )
+        trtb.with_engine(Manifest.load(model_dir), built.record).save(model_dir)
+        status = "up to date" if built.skipped else f"built in {built.seconds:.0f} s"
+        line = f"{name} {precision} engine {status}: {built.record.file} (from {plan.onnx_file})"
+        if built.record.gpu_fallback_layers is not None:
+            fallback = built.record.gpu_fallback_layers
+            line += f"; DLA core {plan.dla_core}, {len(fallback)} layer(s) fall back to the GPU"
+            if fallback:
+                line += ": " + ", ".join(fallback[:20]) + (" ..." if len(fallback) > 20 else "")
+        row.details.append(line)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,21 +522,53 @@ def main(argv: list[str] | None = None) -> int:
     if problems:
         for problem in problems:
             log.error(
-                "error: cannot build --target %s --precision %s: %s", args.target, args.precision, problem
+                "error: cannot build --target %s --precision %s: %s",
+                args.target,
+                " ".join(args.precision),
+                problem,
             )
         return EXIT_USAGE if args.target == "cpu" else EXIT_FAILED
 
     from models import export, weights
 
+    device, trt_version = None, ""
+    if args.target in ("gpu", "jetson"):
+        import tensorrt
+
+        from models.tensorrt_build import detect_device
+
+        try:
+            device = detect_device()
+        except TensorRTBuildError as exc:
+            log.error("error: cannot build --target %s: %s", args.target, exc)
+            return EXIT_FAILED
+        trt_version = tensorrt.__version__
+        log.info(
+            "TensorRT %s on %s (compute capability %s)", trt_version, device.name, device.compute_capability
+        )
+
     opset = export.DEFAULT_OPSET
     tools = tool_versions()
     rows: list[Row] = []
+    failures = (
+        weights.WeightsError,
+        export.ExportError,
+        PrecisionError,
+        TensorRTBuildError,
+        OSError,
+        RuntimeError,
+        ValueError,
+    )
     for index, name in enumerate(names, start=1):
         started = time.perf_counter()
         prefix = f"[{index}/{len(names)}] {name}"
         try:
             row = build_model(name, args, opset, tools)
-        except (weights.WeightsError, export.ExportError, OSError, RuntimeError, ValueError) as exc:
+            if row.ok:
+                build_precisions(name, args, row)
+                if device is not None:
+                    build_tensorrt(name, args, row, device, trt_version)
+        except failures as exc:
             row = Row(name=name, status="FAILED", error=f"{type(exc).__name__}: {exc}")
         seconds = time.perf_counter() - started
         if row.status == "up to date":
@@ -385,6 +581,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
 
     print(format_table(rows))
+    for row in rows:
+        for line in row.details:
+            print(line)
     failed = [r.name for r in rows if not r.ok]
     if failed:
         log.error("failed: %s", ", ".join(failed))

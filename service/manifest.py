@@ -62,6 +62,12 @@ class PrecisionVariant(_Strict):
     max_abs_logit_diff: float | None = None
     mean_abs_logit_diff: float | None = None
     calibration: str | None = None
+    # int8 only: "cpu" (uint8 activations, for ONNX Runtime's CPU kernels) or "tensorrt" (symmetric
+    # int8 activations and weights, float biases: what TensorRT can build).
+    recipe: Literal["cpu", "tensorrt"] | None = None
+    held_out: str | None = Field(None, description="the images the agreement figures were measured on")
+    source_sha256: str | None = Field(None, description="sha256 of the fp32 ONNX file it was made from")
+    tools: dict[str, str] = {}
 
 
 class Engine(_Strict):
@@ -77,6 +83,13 @@ class Engine(_Strict):
     max_batch: int
     dla_core: int | None = None
     sha256: str
+    bytes: int | None = None
+    # Identical profiles, one per execution context that may run at the same time.
+    profiles: int = 1
+    source_onnx: str | None = Field(None, description="the ONNX file the engine was built from")
+    source_sha256: str | None = None
+    # DLA engines: layers that DLA cannot run and TensorRT placed on the GPU instead.
+    gpu_fallback_layers: list[str] | None = None
 
 
 class Manifest(_Strict):

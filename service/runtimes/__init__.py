@@ -7,7 +7,6 @@ whatever the backend, so ``auto`` does not go on looking after one.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from pathlib import Path
 
@@ -57,19 +56,11 @@ def _load_one(
     model_dir: Path, manifest: Manifest, backend: str, precision: str, options: RuntimeOptions | None
 ) -> Runtime:
     if backend == "tensorrt":
-        return _load_tensorrt(manifest)
+        from service.runtimes.tensorrt import TensorRTRuntime
+
+        return TensorRTRuntime.load(model_dir, manifest, precision=precision, options=options)
     from service.runtimes.ort import PROVIDERS, OrtRuntime
 
     if backend not in PROVIDERS:
         raise BackendUnavailable(f"unknown backend {backend!r}")
     return OrtRuntime.load(model_dir, manifest, backend=backend, precision=precision, options=options)
-
-
-def _load_tensorrt(manifest: Manifest) -> Runtime:
-    if importlib.util.find_spec("tensorrt") is None:
-        raise BackendUnavailable("the tensorrt Python package is not installed")
-    if not manifest.engines:
-        raise BackendUnavailable(
-            "no TensorRT engine was built for this model (build_engines.py --target gpu)"
-        )
-    raise BackendUnavailable("native TensorRT engines are not supported by this server build yet")

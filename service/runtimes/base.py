@@ -38,6 +38,9 @@ class RuntimeOptions:
     intra_op_threads: int = 1
     inter_op_threads: int = 1
     execution_mode: ExecutionMode = "sequential"
+    # The largest batch the batcher may hand over (MAX_BATCH_SIZE); None: the backend's own default.
+    # GPU backends size their optimization profiles from it.
+    max_batch_size: int | None = None
 
 
 class RuntimeLoadError(Exception):

@@ -3,7 +3,22 @@ configures an ``InferenceSession``.
 
 ONNX Runtime quietly drops a provider it cannot load and runs on CPU instead; the session's
 actual providers are compared with the ones asked for, and a mismatch is reported as the backend
-being unavailable rather than served by something else.
+being unavailable rather than served by something else. (The session option
+``session.disable_cpu_ep_fallback`` is not used for this: the CUDA provider deliberately places
+shape arithmetic on the CPU, so it would refuse every model with a Reshape of a computed shape.)
+
+GPU provider options (:func:`provider_options`), from ONNX Runtime's TensorRT and CUDA provider
+documentation:
+
+* TensorRT: engine and timing caches under ``<model>/engines/onnxruntime-tensorrt/`` (an engine is
+  built at the first load, then reused while the model, TensorRT and GPU stay the same), explicit
+  profile shapes for the batch axis (1, 16, max(64, MAX_BATCH_SIZE)) so that no batch size triggers
+  a rebuild, a workspace cap, and ``trt_fp16_enable`` / ``trt_int8_enable`` matching the precision
+  (TensorRT 10 needs the int8 flag to build a Q/DQ model; TensorRT 11 takes the types from the graph).
+  An int8 model quantized with the CPU recipe (uint8 activations) cannot be built by TensorRT and is
+  refused up front.
+* CUDA: device 0, exhaustive cuDNN convolution search (the warm-up runs every batch size once, so the
+  search is paid before ``/readyz``), an arena that grows by what is asked.
 """
 
 from __future__ import annotations
@@ -26,6 +41,10 @@ PROVIDERS: dict[str, tuple[str, ...]] = {
     "onnxruntime-cpu": ("CPUExecutionProvider",),
 }
 _BACKEND_OF_PROVIDER = {providers[0]: backend for backend, providers in PROVIDERS.items()}
+TRT_CACHE_DIR = "engines/onnxruntime-tensorrt"
+TRT_OPT_BATCH = 16
+TRT_MIN_PROFILE_MAX_BATCH = 64
+TRT_WORKSPACE_BYTES = 1 << 30
 _ORT_TYPE = {"float32": "tensor(float)", "float16": "tensor(float16)"}
 _NUMPY_OF_ORT_TYPE = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -63,12 +82,15 @@ class OrtRuntime:
                 f"(available: {', '.join(ort.get_available_providers())})"
             )
         onnx_file, input_spec = _onnx_file_for(manifest, precision)
+        _check_int8_recipe(manifest, backend, precision)
         path = Path(model_dir) / onnx_file.file
         _verify_file(path, onnx_file)
+        options = options or RuntimeOptions()
+        providers = provider_options(
+            backend, model_dir=Path(model_dir), input_spec=input_spec, precision=precision, options=options
+        )
         try:
-            session = ort.InferenceSession(
-                str(path), _session_options(options or RuntimeOptions()), providers=list(wanted)
-            )
+            session = ort.InferenceSession(str(path), _session_options(options), providers=providers)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
             raise RuntimeLoadError(f"ONNX Runtime cannot load {path.name}: {exc}") from exc
         actual = session.get_providers()
@@ -87,6 +109,71 @@ class OrtRuntime:
     def close(self) -> None:
         # Dropping the last reference frees the session; there is no explicit release in the API.
         self._session = None  # type: ignore[assignment]
+
+
+def provider_options(
+    backend: str,
+    *,
+    model_dir: Path,
+    input_spec: TensorSpec,
+    precision: str,
+    options: RuntimeOptions,
+) -> list[tuple[str, dict[str, object]]]:
+    """``(provider, options)`` pairs for ``InferenceSession(providers=...)``, best provider first."""
+    result: list[tuple[str, dict[str, object]]] = []
+    for provider in PROVIDERS[backend]:
+        if provider == "TensorrtExecutionProvider":
+            result.append((provider, tensorrt_options(model_dir, input_spec, precision, options)))
+        elif provider == "CUDAExecutionProvider":
+            result.append((provider, cuda_options()))
+        else:
+            result.append((provider, {}))
+    return result
+
+
+def tensorrt_options(
+    model_dir: Path, input_spec: TensorSpec, precision: str, options: RuntimeOptions
+) -> dict[str, object]:
+    cache = Path(model_dir) / TRT_CACHE_DIR
+    max_batch = max(TRT_MIN_PROFILE_MAX_BATCH, options.max_batch_size or 0)
+    sample = "x".join(str(d) for d in input_spec.shape[1:])
+
+    def shapes(batch: int) -> str:
+        return f"{input_spec.name}:{batch}x{sample}"
+
+    return {
+        "device_id": 0,
+        "trt_max_workspace_size": TRT_WORKSPACE_BYTES,
+        "trt_fp16_enable": precision == "fp16",
+        "trt_int8_enable": precision == "int8",
+        "trt_engine_cache_enable": True,
+        "trt_engine_cache_path": str(cache / precision),
+        "trt_timing_cache_enable": True,
+        "trt_timing_cache_path": str(cache),
+        "trt_profile_min_shapes": shapes(1),
+        "trt_profile_opt_shapes": shapes(min(TRT_OPT_BATCH, max_batch)),
+        "trt_profile_max_shapes": shapes(max_batch),
+    }
+
+
+def cuda_options() -> dict[str, object]:
+    return {
+        "device_id": 0,
+        "cudnn_conv_algo_search": "EXHAUSTIVE",
+        "arena_extend_strategy": "kSameAsRequested",
+    }
+
+
+def _check_int8_recipe(manifest: Manifest, backend: str, precision: str) -> None:
+    if precision != "int8" or backend != "onnxruntime-tensorrt":
+        return
+    variant = next((v for v in manifest.precisions if v.precision == "int8"), None)
+    if variant is not None and variant.recipe == "cpu":
+        raise BackendUnavailable(
+            f"{manifest.name}:int8 was quantized for ONNX Runtime's CPU kernels (uint8 activations with "
+            "zero points), which TensorRT cannot build; rebuild it with build_engines.py --target gpu "
+            f"--models {manifest.name} --precision int8"
+        )
 
 
 def _session_options(options: RuntimeOptions) -> ort.SessionOptions:
