@@ -102,9 +102,11 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends python3-venv \
     && rm -rf /var/lib/apt/lists/*
 COPY pyproject.toml deploy/requirements.py /tmp/deps/
-# The venv sees the base image's TensorRT bindings (--system-site-packages). onnxruntime-gpu
+# The venv sees the base image's TensorRT bindings (--system-site-packages), so the extra's pip
+# TensorRT is left out (it would shadow the one matched to the image's CUDA). onnxruntime-gpu
 # replaces onnxruntime: the two packages install the same module.
 RUN python3 /tmp/deps/requirements.py --pyproject /tmp/deps/pyproject.toml --extra gpu --exclude onnxruntime \
+        --exclude tensorrt-cu12 \
         > /tmp/deps/gpu.txt \
     && python3 -m venv --system-site-packages /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir -r /tmp/deps/gpu.txt

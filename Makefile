@@ -8,12 +8,15 @@ WEIGHTS ?= auto
 HOST   ?= 0.0.0.0
 PORT   ?= 8000
 
-.PHONY: help venv install models run test test-tools test-image lint format clean
+.PHONY: help venv install models run test test-tools test-image lint format clean gpu-install gpu-selftest
 
 help:
 	@echo "make run    - create .venv, install, build the model repository, serve on :$(PORT)"
 	@echo "make test   - create .venv, install, run ruff and the whole test suite"
+	@echo "make bench  - in-process and served speed of every model, report under benchmarks/results/"
 	@echo "make models - (re)build the model repository only (WEIGHTS=auto|imagenet|random|PATH)"
+	@echo "make gpu-install  - NVIDIA GPU: swap onnxruntime for onnxruntime-gpu, add TensorRT and cuda-python"
+	@echo "make gpu-selftest - NVIDIA GPU / Jetson: build engines, check every GPU backend, benchmark"
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +32,12 @@ models: $(VENV)/.installed
 run: models
 	MODEL_REPOSITORY=$(REPO) $(PY) -m service --host $(HOST) --port $(PORT)
 
+# In-process runtime cost, the served path under the load generator, the ratio between them, the
+# ShuffleNet v2 experiments; report, chart and JSON in benchmarks/results/<timestamp>/ (~8 min on 2 cores).
+.PHONY: bench
+bench: models
+	$(PY) -m benchmarks.bench --repository $(REPO) --models $(MODELS)
+
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -41,6 +50,7 @@ format: $(VENV)/.installed
 test-tools: $(VENV)/.installed
 	sh monitoring/install-prometheus.sh
 	sh deploy/install-test-tools.sh $(VENV)
+	sh benchmarks/install-chromium.sh $(VENV)
 
 test: test-tools
 	$(VENV)/bin/ruff check .
@@ -50,6 +60,20 @@ test: test-tools
 # Builds the runtime image with a local Docker engine, classifies through it, stops it.
 test-image: $(VENV)/.installed
 	$(PY) deploy/image_test.py
+
+# NVIDIA GPUs. onnxruntime and onnxruntime-gpu install the same module, so the CPU package goes first;
+# run this again after anything reinstalls the project (make install brings onnxruntime back).
+gpu-install: $(VENV)/.installed
+	$(PY) -m pip uninstall --quiet -y onnxruntime
+	$(PY) deploy/requirements.py --extra gpu --exclude onnxruntime > $(VENV)/gpu-requirements.txt
+	$(PY) -m pip install --quiet -r $(VENV)/gpu-requirements.txt
+
+# On the GPU machine (or the Jetson): engines for the models, every GPU backend checked against
+# ONNX Runtime CPU, throughput and latency at batch 1/8/32/64. No dependency on the venv target: it
+# must not reinstall the CPU onnxruntime over onnxruntime-gpu.
+SELFTEST_REPO ?= model_repository
+gpu-selftest:
+	$(PY) -m benchmarks.gpu_selftest --repository $(SELFTEST_REPO) --models $(MODELS) --weights $(WEIGHTS)
 
 clean:
 	rm -rf $(REPO) .pytest_cache .ruff_cache
