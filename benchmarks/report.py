@@ -1,0 +1,427 @@
+"""The ``make bench`` report: markdown tables and a latency-against-FLOPs chart from ``results.json``.
+
+    python -m benchmarks.report benchmarks/results/<timestamp>      (re-renders report.md and the chart)
+
+Everything here is a pure function of the results that :mod:`benchmarks.bench` saved, so a report
+can be redrawn, or compared with another run's, without measuring again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from benchmarks.experiments import decomposition, guideline1
+
+REPORT_FILE = "report.md"
+CHART_FILE = "latency_vs_flops.png"
+RESULTS_FILE = "results.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# Summaries
+
+
+def _spread(values: list[float]) -> dict[str, float] | None:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"median": statistics.median(values), "low": min(values), "high": max(values), "n": len(values)}
+
+
+def served_levels(results: dict) -> dict[tuple[str, float], dict]:
+    """(model, concurrency) -> medians and spreads over the repeats of that served level."""
+    grouped: dict[tuple[str, float], list[dict]] = defaultdict(list)
+    for level in results.get("served", {}).get("levels", []):
+        grouped[(level["model"], level["level"])].append(level)
+    summary = {}
+    for key, runs in grouped.items():
+        errors: dict[str, int] = defaultdict(int)
+        for run in runs:
+            for code, n in run["errors"].items():
+                errors[code] += n
+        agreement = [
+            run["server_histogram"][q]["client_within_one_bucket"]
+            for run in runs
+            if run.get("server_histogram")
+            for q in ("p50", "p99")
+        ]
+        summary[key] = {
+            "requests_per_s": _spread([r["requests_per_s"] for r in runs]),
+            "images_per_s": _spread([r["images_per_s"] for r in runs]),
+            "p50_ms": _spread([r["latency_ms"]["p50"] for r in runs]),
+            "p99_ms": _spread([r["latency_ms"]["p99"] for r in runs]),
+            "errors": dict(errors),
+            "client_cpu_percent": _spread([r["client_cpu_percent"] for r in runs]),
+            "server_split_ms": {
+                stage: _spread([r["server_timings_ms"].get(stage, {}).get("mean") for r in runs])
+                for stage in ("decode", "queue", "inference")
+            },
+            "histogram_agrees": all(agreement) if agreement else None,
+            "repeats": len(runs),
+        }
+    return summary
+
+
+def _runtime_row(results: dict, model: str, batch: int = 1, threads: int = 1) -> dict | None:
+    for row in results.get("runtime", []):
+        if row["model"] == model and row["batch_size"] == batch and row["intra_op_threads"] == threads:
+            return row
+    return None
+
+
+def model_summary(results: dict) -> list[dict]:
+    """One row per model: analytic cost, in-process and served speed, and the ratios between them."""
+    levels = served_levels(results)
+    latency = {row["model"]: row for row in results.get("pipeline_latency", [])}
+    throughput: dict[str, list[dict]] = defaultdict(list)
+    for row in results.get("pipeline_throughput", []):
+        throughput[row["model"]].append(row)
+    concurrency = sorted({level for _, level in levels}) or [1]
+    low_c, high_c = concurrency[0], concurrency[-1]
+    rows = []
+    for model, facts in results["models"].items():
+        runtime = _runtime_row(results, model)
+        best = max(throughput.get(model, []), key=lambda r: r["requests_per_s"]["median"], default=None)
+        served_low = levels.get((model, low_c), {})
+        served_high = levels.get((model, high_c), {})
+        runtime_ms = runtime["batch_ms"]["median"] if runtime else None
+        flops = facts["flops"]
+        inproc_p50 = latency[model]["p50_ms"]["median"] if model in latency else None
+        served_p50 = (served_low.get("p50_ms") or {}).get("median")
+        served_rps = (served_high.get("requests_per_s") or {}).get("median")
+        best_rps = best["requests_per_s"]["median"] if best else None
+        rows.append(
+            {
+                "model": model,
+                "weights": facts.get("weights", "?"),
+                "flops": flops,
+                "params": facts["params"],
+                "memory_access_cost": facts["memory_access_cost"],
+                "runtime_p50_ms": runtime_ms,
+                "runtime_p50_range_ms": [runtime["batch_ms"]["low"], runtime["batch_ms"]["high"]]
+                if runtime
+                else None,
+                "runtime_images_per_s": runtime["images_per_s"]["median"] if runtime else None,
+                "achieved_gflops": flops / 1e9 / (runtime_ms / 1000) if runtime_ms else None,
+                "ms_per_gflop": runtime_ms / (flops / 1e9) if runtime_ms else None,
+                "inprocess_p50_ms": inproc_p50,
+                "served_p50_ms": served_p50,
+                "served_p50_range_ms": (
+                    [served_low["p50_ms"]["low"], served_low["p50_ms"]["high"]]
+                    if served_low.get("p50_ms")
+                    else None
+                ),
+                "served_p50_minus_inprocess_ms": (
+                    served_p50 - inproc_p50 if served_p50 is not None and inproc_p50 is not None else None
+                ),
+                "served_concurrency_low": low_c,
+                "served_concurrency_high": high_c,
+                "served_requests_per_s": served_rps,
+                "served_images_per_s": (served_high.get("images_per_s") or {}).get("median"),
+                "inprocess_requests_per_s": best_rps,
+                "inprocess_arrangement": f"{best['arrangement']}, {best['workers']} workers"
+                if best
+                else None,
+                "served_over_inprocess": served_rps / best_rps if served_rps and best_rps else None,
+            }
+        )
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown
+
+
+def _f(value: float | None, digits: int = 1, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:.{digits}f}{suffix}"
+
+
+def _sp(spread: dict | None, digits: int = 1) -> str:
+    """'median (low-high)' for a spread, or '-'."""
+    if not spread:
+        return "-"
+    if spread.get("n", len(spread.get("values", ()))) == 1:
+        return f"{spread['median']:.{digits}f}"
+    return f"{spread['median']:.{digits}f} ({spread['low']:.{digits}f}-{spread['high']:.{digits}f})"
+
+
+def _table(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return "\n".join(lines)
+
+
+def summary_table(results: dict) -> str:
+    rows = model_summary(results)
+    if not rows:
+        return "(no models)"
+    low_c, high_c = rows[0]["served_concurrency_low"], rows[0]["served_concurrency_high"]
+    head = [
+        "model",
+        "MFLOPs",
+        "params (M)",
+        "MAC (M)",
+        "runtime p50 ms",
+        "GFLOP/s",
+        "ms/GFLOP",
+        f"served p50 ms (c={low_c:g})",
+        "in-process p50 ms",
+        "difference ms",
+        f"served req/s (c={high_c:g})",
+        "in-process req/s",
+        "served / in-process",
+    ]
+    body = [
+        [
+            r["model"],
+            _f(r["flops"] / 1e6),
+            _f(r["params"] / 1e6, 2),
+            _f(r["memory_access_cost"] / 1e6, 1),
+            _f(r["runtime_p50_ms"], 2),
+            _f(r["achieved_gflops"], 1),
+            _f(r["ms_per_gflop"], 1),
+            _f(r["served_p50_ms"], 2),
+            _f(r["inprocess_p50_ms"], 2),
+            _f(r["served_p50_minus_inprocess_ms"], 2, ""),
+            _f(r["served_requests_per_s"], 1),
+            _f(r["inprocess_requests_per_s"], 1),
+            _f(None if r["served_over_inprocess"] is None else 100 * r["served_over_inprocess"], 0, "%"),
+        ]
+        for r in rows
+    ]
+    return _table(head, body)
+
+
+def runtime_table(results: dict) -> str:
+    head = ["model", "intra-op threads", "batch", "ms/batch", "ms/image", "images/s"]
+    body = [
+        [
+            row["model"],
+            str(row["intra_op_threads"]),
+            str(row["batch_size"]),
+            _sp(row["batch_ms"], 2),
+            _f(row["batch_ms"]["median"] / row["batch_size"], 2),
+            _sp(row["images_per_s"], 1),
+        ]
+        for row in results.get("runtime", [])
+    ]
+    return _table(head, body)
+
+
+def pipeline_table(results: dict) -> str:
+    latency = {row["model"]: row for row in results.get("pipeline_latency", [])}
+    head = ["model", "p50 ms, one at a time", "p90 ms", "arrangement", "workers", "requests/s"]
+    body = []
+    for row in results.get("pipeline_throughput", []):
+        lat = latency.get(row["model"])
+        body.append(
+            [
+                row["model"],
+                _sp(lat["p50_ms"], 2) if lat else "-",
+                _sp(lat["p90_ms"], 2) if lat else "-",
+                row["arrangement"],
+                str(row["workers"]),
+                _sp(row["requests_per_s"], 1),
+            ]
+        )
+    return _table(head, body)
+
+
+def served_table(results: dict) -> str:
+    head = [
+        "model",
+        "concurrency",
+        "req/s",
+        "img/s",
+        "p50 ms",
+        "p99 ms",
+        "errors",
+        "decode ms",
+        "queue ms",
+        "inference ms",
+        "histogram agrees",
+        "load generator CPU",
+    ]
+    body = []
+    for (model, level), s in sorted(served_levels(results).items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        split = s["server_split_ms"]
+        agrees = {True: "yes", False: "NO", None: "-"}[s["histogram_agrees"]]
+        body.append(
+            [
+                model,
+                f"{level:g}",
+                _sp(s["requests_per_s"]),
+                _sp(s["images_per_s"]),
+                _sp(s["p50_ms"], 2),
+                _sp(s["p99_ms"], 2),
+                " ".join(f"{code}:{n}" for code, n in sorted(s["errors"].items())) or "0",
+                _sp(split["decode"], 2),
+                _sp(split["queue"], 2),
+                _sp(split["inference"], 2),
+                agrees,
+                _sp(s["client_cpu_percent"], 1) + "%",
+            ]
+        )
+    return _table(head, body)
+
+
+def _guideline_rows(results: dict) -> list[guideline1.Row]:
+    from benchmarks.inprocess import Spread
+
+    rows = []
+    for row in results.get("guideline1", []):
+        spread = row["images_per_s"]
+        rows.append(
+            guideline1.Row(
+                row["ratio"],
+                row["width"],
+                row["c1"],
+                row["c2"],
+                row["flops"],
+                row["memory_access_cost"],
+                Spread(spread["median"], spread["low"], spread["high"], tuple(spread["values"])),
+                row["runs"],
+            )
+        )
+    return rows
+
+
+def _decomposition_rows(results: dict) -> list[decomposition.Decomposition]:
+    return [decomposition.Decomposition(**row) for row in results.get("decomposition", [])]
+
+
+def markdown(results: dict) -> str:
+    machine = results.get("machine", {})
+    config = results.get("config", {})
+    served = results.get("served", {})
+    parts = [
+        f"# Benchmark report: {results.get('started', '?')}",
+        "",
+        f"Machine: {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores; "
+        f"ONNX Runtime {machine.get('onnxruntime', '?')}, Python {machine.get('python', '?')}. "
+        f"Load average before / after: {machine.get('loadavg_before', '?')} / "
+        f"{machine.get('loadavg_after', '?')} "
+        "(other work on the machine makes every figure noisier). "
+        f"Took {results.get('duration_s', 0):.0f} s.",
+        "",
+        f"Each figure is the median of {config.get('repeats', '?')} repeats, with the range in brackets. "
+        "Weights: " + ", ".join(f"{m} {f.get('weights', '?')}" for m, f in results["models"].items()) + ".",
+        "",
+        "## Summary",
+        "",
+        summary_table(results),
+        "",
+        "- runtime p50: the runtime alone, batch 1, one intra-op thread (what the FLOPs predict); "
+        "GFLOP/s and ms/GFLOP follow from it.",
+        "- served p50 at the lowest concurrency against the in-process p50 of the same work, one request "
+        "at a time on one thread: sniff + decode + preprocess + inference + top-5 of the same 500x375 JPEGs.",
+        "- served req/s at the highest concurrency against the best in-process throughput of that work with "
+        "every core busy (arrangements below).",
+        "",
+        f"![latency against FLOPs]({CHART_FILE})",
+        "",
+        "## (a) The runtime alone, in-process",
+        "",
+        runtime_table(results),
+        "",
+        "## The server's work, in-process (decode + preprocess + inference + top-5)",
+        "",
+        pipeline_table(results),
+        "",
+        "## (b) The served path under the load generator",
+        "",
+        f"Server: `{served.get('command', '?')}`; "
+        + "; ".join(f"{model}: {how}" for model, how in served.get("batching", {}).items())
+        + ". "
+        f"Levels of {config.get('load_duration_s', '?')} s after {config.get('load_warmup_s', '?')} s of "
+        "warm-up. 'histogram agrees': the load generator's p50 and p99 fall within one bucket of the "
+        "server's own request-duration histogram for the same requests, in every repeat.",
+        "",
+        served_table(results),
+        "",
+        "## ShuffleNet v2 guideline 1 (Table 1 layout)",
+        "",
+        "Images/s at batch 1, one intra-op thread; every configuration of a width has the same FLOPs.",
+        "",
+        guideline1.table(_guideline_rows(results)) if results.get("guideline1") else "(not run)",
+        "",
+        "## Run time by operator kind (Figure 2)",
+        "",
+        "ONNX Runtime's profiler, batch 1, one intra-op thread. 'as served': the server's graph "
+        "optimisations (activations and residual additions fused into convolutions); 'unfused': basic "
+        "optimisations only.",
+        "",
+        decomposition.table(_decomposition_rows(results)) if results.get("decomposition") else "(not run)",
+        "",
+    ]
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Chart
+
+
+def chart(results: dict, path: Path) -> Path:
+    """Latency against FLOPs (left) and against memory access cost (right), one point per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = model_summary(results)
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.5), constrained_layout=True)
+    for axis, key, label in (
+        (axes[0], "flops", "MFLOPs (multiply-adds per image)"),
+        (axes[1], "memory_access_cost", "memory access cost (M elements per image)"),
+    ):
+        for series, marker, name in (
+            ("runtime_p50_ms", "o", "runtime alone (batch 1, 1 thread)"),
+            (
+                "served_p50_ms",
+                "s",
+                f"served p50 (c={rows[0]['served_concurrency_low']:g})" if rows else "served",
+            ),
+        ):
+            points = [(r[key] / 1e6, r[series], r["model"]) for r in rows if r[series] is not None]
+            if not points:
+                continue
+            axis.scatter([p[0] for p in points], [p[1] for p in points], marker=marker, label=name)
+            for x, y, model in points:
+                axis.annotate(model, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        axis.set_xlabel(label)
+        axis.set_ylabel("latency (ms)")
+        axis.set_ylim(bottom=0)
+        axis.set_xlim(0, max((r[key] / 1e6 for r in rows), default=1) * 1.25)
+        axis.grid(True, alpha=0.3)
+    axes[0].legend(loc="upper left", fontsize=8)
+    machine = results.get("machine", {})
+    figure.suptitle(f"FLOPs are not speed: {machine.get('cpu', '')} ({machine.get('cores', '?')} cores)")
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def write(out_dir: Path, results: dict) -> tuple[Path, Path]:
+    """report.md and the chart into ``out_dir``; returns their paths."""
+    out_dir = Path(out_dir)
+    report = out_dir / REPORT_FILE
+    report.write_text(markdown(results))
+    return report, chart(results, out_dir / CHART_FILE)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.splitlines()[0])
+    parser.add_argument("directory", type=Path, help="a results folder written by make bench")
+    args = parser.parse_args(argv)
+    results = json.loads((args.directory / RESULTS_FILE).read_text())
+    report, chart_path = write(args.directory, results)
+    print(f"wrote {report} and {chart_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,200 @@
+"""``make bench``: the in-process measurements, the report's arithmetic, and a quick run end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from benchmarks import inprocess, report
+from benchmarks.photos import photo_jpeg
+from tests.conftest import REPO
+
+MODEL = "shufflenet_v2"
+
+
+# --- in-process --------------------------------------------------------------------------------------
+
+
+def test_runtime_cost_covers_every_batch_size_and_thread_setting(built_repository):
+    rows = inprocess.runtime_cost(
+        built_repository / MODEL, batch_sizes=(1, 3), thread_settings=(1, 2), duration_s=0.02, repeats=2
+    )
+    assert [(r.intra_op_threads, r.batch_size) for r in rows] == [(1, 1), (1, 3), (2, 1), (2, 3)]
+    for row in rows:
+        assert row.backend == "onnxruntime-cpu" and len(row.batch_ms.values) == 2
+        assert row.batch_ms.low <= row.batch_ms.median <= row.batch_ms.high
+        rates = [1000 * row.batch_size / ms for ms in row.batch_ms.values]
+        assert list(row.images_per_s.values) == pytest.approx(rates)
+
+
+def test_the_in_process_pipeline_gives_the_servers_answer(built_repository):
+    from service.manifest import Manifest
+
+    data = photo_jpeg(500, 375, 1)
+    manifest = Manifest.load(built_repository / MODEL)
+    runtime = inprocess.load(built_repository / MODEL)
+    predictions = inprocess.classify_once(runtime, manifest, data)
+    assert len(predictions) == 5 and predictions[0]["label"] == manifest.labels[predictions[0]["class_id"]]
+
+    latency = inprocess.pipeline_latency(built_repository / MODEL, [data], duration_s=0.05, repeats=2)
+    assert latency.requests >= 6 and 0 < latency.p50_ms.median <= latency.p90_ms.high
+    for arrangement in inprocess.ARRANGEMENTS:
+        rate = inprocess.pipeline_throughput(
+            built_repository / MODEL, [data], arrangement=arrangement, workers=2, duration_s=0.2, repeats=1
+        )
+        assert rate.workers == 2 and rate.arrangement == arrangement
+        assert rate.requests > 0 and rate.requests_per_s.median == pytest.approx(rate.requests / 0.2)
+    with pytest.raises(ValueError, match="arrangement"):
+        inprocess.pipeline_throughput(built_repository / MODEL, [data], arrangement="processes")
+
+
+# --- the report's arithmetic ---------------------------------------------------------------------------
+
+
+def _spread(*values: float) -> dict:
+    return {
+        "median": sorted(values)[len(values) // 2],
+        "low": min(values),
+        "high": max(values),
+        "values": values,
+    }
+
+
+def _level(model: str, level: int, rps: float, p50: float) -> dict:
+    return {
+        "model": model,
+        "level": level,
+        "requests_per_s": rps,
+        "images_per_s": rps,
+        "latency_ms": {"p50": p50, "p99": 2 * p50},
+        "errors": {},
+        "client_cpu_percent": 2.0,
+        "server_timings_ms": {"decode": {"mean": 3.0}, "queue": {"mean": 0.1}, "inference": {"mean": 5.0}},
+        "server_histogram": {
+            "p50": {"client_within_one_bucket": True},
+            "p99": {"client_within_one_bucket": True},
+        },
+    }
+
+
+def _results() -> dict:
+    return {
+        "models": {"m": {"flops": 200_000_000, "params": 2_000_000, "memory_access_cost": 5_000_000}},
+        "runtime": [
+            {
+                "model": "m",
+                "batch_size": 1,
+                "intra_op_threads": 1,
+                "batch_ms": _spread(4.0, 5.0, 6.0),
+                "images_per_s": _spread(200.0),
+            },
+        ],
+        "pipeline_latency": [{"model": "m", "p50_ms": _spread(8.0), "p90_ms": _spread(9.0), "requests": 10}],
+        "pipeline_throughput": [
+            {"model": "m", "arrangement": "shared-session", "workers": 2, "requests_per_s": _spread(200.0)},
+            {
+                "model": "m",
+                "arrangement": "session-per-worker",
+                "workers": 2,
+                "requests_per_s": _spread(250.0),
+            },
+        ],
+        "served": {
+            "levels": [
+                _level("m", 1, 100.0, 9.0),
+                _level("m", 1, 90.0, 10.0),
+                _level("m", 1, 110.0, 9.5),
+                _level("m", 16, 200.0, 80.0),
+                _level("m", 16, 180.0, 90.0),
+                _level("m", 16, 190.0, 85.0),
+            ]
+        },
+    }
+
+
+def test_model_summary_compares_served_with_in_process():
+    (row,) = report.model_summary(_results())
+    assert row["runtime_p50_ms"] == 5.0
+    assert row["achieved_gflops"] == pytest.approx(0.2 / 0.005)
+    assert row["ms_per_gflop"] == pytest.approx(25.0)
+    # The best in-process arrangement is the yardstick.
+    assert row["inprocess_requests_per_s"] == 250.0 and row["inprocess_arrangement"].startswith("session-per")
+    assert row["served_requests_per_s"] == 190.0  # median of the three repeats at the highest concurrency
+    assert row["served_over_inprocess"] == pytest.approx(190 / 250)
+    assert row["served_p50_ms"] == 9.5 and row["served_p50_minus_inprocess_ms"] == pytest.approx(1.5)
+    assert (row["served_concurrency_low"], row["served_concurrency_high"]) == (1, 16)
+
+
+def test_report_markdown_and_chart(tmp_path):
+    results = _results() | {"machine": {"cpu": "test cpu", "cores": 2}, "config": {"repeats": 3}}
+    report_path, chart_path = report.write(tmp_path, results)
+    text = report_path.read_text()
+    assert (
+        "| m | 200.0 | 2.00 | 5.0 | 5.00 | 40.0 | 25.0 | 9.50 | 8.00 | 1.50 | 190.0 | 250.0 | 76% |" in text
+    )
+    assert "| m | 16 | 190.0 (180.0-200.0) |" in text
+    with Image.open(chart_path) as chart:
+        assert chart.format == "PNG" and chart.width > 600
+
+
+# --- end to end ------------------------------------------------------------------------------------------
+
+
+def test_quick_bench_writes_report_chart_tables_and_load_files(built_repository, tmp_path):
+    out = tmp_path / "bench"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.bench",
+            "--quick",
+            "--repository",
+            str(built_repository),
+            "--models",
+            MODEL,
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "served / in-process" in result.stdout
+    for name in (
+        "results.json",
+        "report.md",
+        "latency_vs_flops.png",
+        "guideline1.md",
+        "decomposition.md",
+        "load.json",
+        "load.csv",
+        "server.log",
+    ):
+        assert (out / name).is_file(), name
+    results = json.loads((out / "results.json").read_text())
+    (row,) = results["summary"]
+    assert row["model"] == MODEL and row["served_over_inprocess"] > 0 and row["served_p50_ms"] > 0
+    assert {level["level"] for level in results["served"]["levels"]} == {1, 4}
+    assert len(results["guideline1"]) == 4 and len(results["decomposition"]) == 2
+    text = (out / "report.md").read_text()
+    for heading in ("## Summary", "## (a)", "## (b)", "guideline 1", "operator kind"):
+        assert heading in text
+
+
+def test_bench_refuses_models_that_are_not_built(tmp_path, capsys):
+    from benchmarks import bench
+
+    assert bench.main(["--repository", str(tmp_path), "--models", MODEL, "--quick"]) == 2
+    assert "make models" in capsys.readouterr().err
+
+
+def test_make_bench_runs_the_driver_on_the_built_repository():
+    result = subprocess.run(["make", "-n", "bench"], cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "build_engines.py" in result.stdout and "-m benchmarks.bench" in result.stdout
