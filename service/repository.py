@@ -172,6 +172,7 @@ class ModelRepository:
             intra_op_threads=settings.intra_op_threads,
             inter_op_threads=settings.inter_op_threads,
             execution_mode=settings.execution_mode,
+            max_batch_size=settings.max_batch_size,
         )
         try:
             runtime = self._loader(
