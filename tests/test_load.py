@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shlex
 
 import numpy as np
 import pytest
@@ -147,10 +148,8 @@ def test_errors_are_counted_by_status_code(server, images):
 
 def test_the_cli_sweeps_every_ready_model_and_writes_json_and_csv(server, tmp_path, capsys):
     out = tmp_path / "results"
-    code = load.main(
-        ["--url", server.url, "--models", "all", "--concurrency", "1,2", "--duration", "0.5",
-         "--warmup", "0.2", "--image-count", "2", "--out", str(out)]
-    )  # fmt: skip
+    flags = shlex.split("--models all --concurrency 1,2 --duration 0.5 --warmup 0.2 --image-count 2")
+    code = load.main(["--url", server.url, *flags, "--out", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
     assert "load generator CPU" in printed and "p99" in printed
