@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import logging
 import os
 import platform
@@ -56,7 +57,7 @@ class Row:
     """One line of the closing table."""
 
     name: str
-    status: str  # "built", "up to date" or "FAILED"
+    status: str  # "built", "up to date", "kept" (exported elsewhere, no PyTorch here) or "FAILED"
     flops: int = 0
     params: int = 0
     mac: int = 0
@@ -392,6 +393,36 @@ def build_model(name: str, args: argparse.Namespace, opset: int, tools: dict) ->
     return row
 
 
+def existing_model(name: str, args: argparse.Namespace) -> Row:
+    """A model exported elsewhere (no PyTorch here): its manifest and intact ONNX file, or FAILED."""
+    model_dir = args.out / name
+    row = Row(name=name, status="FAILED")
+    try:
+        manifest = Manifest.load(model_dir)
+    except (OSError, ValueError) as exc:
+        row.error = (
+            f"no usable {model_dir}/model.json ({type(exc).__name__}) and PyTorch is not installed to export "
+            "it: build it where PyTorch is (pip install '.[build]') and copy the model directory here"
+        )
+        return row
+    onnx_path = model_dir / manifest.onnx.file
+    if not onnx_path.is_file() or sha256_of(onnx_path) != manifest.onnx.sha256:
+        row.error = (
+            f"{onnx_path} is missing or does not match its manifest, and PyTorch is not installed to "
+            "re-export it"
+        )
+        return row
+    row.status, row.flops, row.params, row.mac = (
+        "kept",
+        manifest.flops,
+        manifest.params,
+        manifest.memory_access_cost,
+    )
+    row.onnx_bytes, row.parity = manifest.onnx.bytes, manifest.parity_max_abs_diff
+    row.weights = _weights_label(manifest.weights)
+    return row
+
+
 def _carry_over(model_dir: Path, manifest: Manifest) -> Manifest:
     """Keep the earlier manifest's variants and engines that were made from this very ONNX file
     (a forced rebuild of a seeded export reproduces it); drop the rest, which are stale."""
@@ -548,13 +579,20 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     opset = export.DEFAULT_OPSET
-    tools = tool_versions()
+    # The GPU and Jetson images carry the exported ONNX models but no PyTorch: there, the models found
+    # in --out are used as they are (checked against their manifests) and only what comes after the
+    # export (precision variants, engines) is built.
+    exporting = importlib.util.find_spec("torch") is not None
+    if not exporting:
+        log.warning("PyTorch is not installed: using the exported models found in %s as they are", args.out)
+    tools = tool_versions() if exporting else {}
     rows: list[Row] = []
     failures = (
         weights.WeightsError,
         export.ExportError,
         PrecisionError,
         TensorRTBuildError,
+        ImportError,  # a build-only package missing here (onnxconverter-common, onnx): named in the message
         OSError,
         RuntimeError,
         ValueError,
@@ -563,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         prefix = f"[{index}/{len(names)}] {name}"
         try:
-            row = build_model(name, args, opset, tools)
+            row = build_model(name, args, opset, tools) if exporting else existing_model(name, args)
             if row.ok:
                 build_precisions(name, args, row)
                 if device is not None:
@@ -571,8 +609,8 @@ def main(argv: list[str] | None = None) -> int:
         except failures as exc:
             row = Row(name=name, status="FAILED", error=f"{type(exc).__name__}: {exc}")
         seconds = time.perf_counter() - started
-        if row.status == "up to date":
-            log.info("%s: up to date (%s)", prefix, args.out / name)
+        if row.status in ("up to date", "kept"):
+            log.info("%s: %s (%s)", prefix, row.status, args.out / name)
         elif row.ok:
             built = f"{args.out / name / ONNX_FILE} ({row.onnx_bytes / 1e6:.2f} MB, parity {row.parity:.1e}"
             log.info("%s: built %s, weights %s) in %.1f s", prefix, built, row.weights, seconds)

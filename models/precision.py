@@ -77,7 +77,13 @@ def _preprocess_all(blobs: Sequence[bytes], spec: PreprocessingSpec) -> np.ndarr
 
 def generated_images(spec: PreprocessingSpec, count: int, seed: int) -> np.ndarray:
     """``count`` of the project's generated photos (seeds ``seed ..``), preprocessed for ``spec``."""
-    from benchmarks.photos import photo_jpeg
+    try:
+        from benchmarks.photos import photo_jpeg
+    except ImportError as exc:  # an image that ships models/ and service/ only
+        raise PrecisionError(
+            f"the default calibration photos come from benchmarks/photos.py, which is not importable here "
+            f"({exc}): pass --calibration-images DIR"
+        ) from exc
 
     return _preprocess_all([photo_jpeg(500, 375, seed=seed + i) for i in range(count)], spec)
 

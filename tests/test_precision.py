@@ -288,3 +288,25 @@ def test_bad_calibration_directory_is_refused_before_building(tmp_path):
     assert result.returncode == 2
     assert "does not exist" in result.stderr
     assert not (tmp_path / "repo").exists()
+
+
+def test_without_pytorch_the_exported_models_are_used_as_they_are(tmp_path, monkeypatch, capsys, caplog):
+    # The GPU and Jetson images carry exported models but no PyTorch; the build step must still make
+    # the precision variants (and engines) from what it finds.
+    import importlib.util
+
+    import build_engines
+
+    root = make_repository(tmp_path / "repo", ("mobilenet_v2",))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real_find_spec(name, *a)
+    )
+    argv = ["--models", "mobilenet_v2", "--out", str(root), "--precision", "fp16", "int8"]
+    argv += ["--calibration-count", "2", "--held-out-count", "2"]
+    assert build_engines.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "mobilenet_v2  kept" in out and "mobilenet_v2:int8 built" in out
+    assert [v.precision for v in Manifest.load(root / "mobilenet_v2").precisions] == ["fp16", "int8"]
+    assert build_engines.main(["--models", "shufflenet_v2", "--out", str(root)]) == 1
+    assert "PyTorch is not installed to export it" in caplog.text
