@@ -25,7 +25,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.config import Settings
-from service.errors import InternalError, ServiceError
+from service.errors import InternalError, ServiceError, shown
+from service.fair_pool import FairPool
 from service.logs import request_id_var
 from service.metrics import Metrics
 from service.pipeline import Pipeline
@@ -57,7 +58,11 @@ def create_app(settings: Settings, *, runtime_loader: RuntimeLoader = load_runti
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")
-        app.state.pipeline = Pipeline(decode_pool, metrics, max_image_pixels=settings.max_image_pixels)
+        app.state.pipeline = Pipeline(
+            FairPool(decode_pool, settings.decode_workers),
+            metrics,
+            max_image_pixels=settings.max_image_pixels,
+        )
         loading = asyncio.create_task(repository.load_all(), name="load-models")
         try:
             yield
@@ -106,7 +111,7 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     problems = []
     for error in exc.errors():
         where = ".".join(str(part) for part in error.get("loc", ())[1:]) or "request"
-        given = f" (got {error['input']!r})" if "input" in error and error["input"] is not None else ""
+        given = f" (got {shown(error['input'])})" if "input" in error and error["input"] is not None else ""
         problems.append(f"{where}: {error.get('msg', 'invalid')}{given}")
     body = {"error": {"code": "invalid_parameter", "message": "; ".join(problems) or "invalid request"}}
     return JSONResponse(body, status_code=422)

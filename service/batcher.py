@@ -1,6 +1,10 @@
 """Dynamic batching for one model: a bounded queue in front of a runtime, and one worker task.
 
-Callers see only ``await batcher.submit(tensor, deadline=...)``. The worker takes the first queued
+Callers see only ``with batcher.admit(): ... await batcher.submit(tensor, deadline=...)``. Admission
+comes first, as soon as a request arrives: the model has ``max_queue_size`` places plus one per image
+it can be running, and a request that finds them all taken is refused (429) before its body is read
+or decoded, so a flood on one model never holds the memory and decode threads that the others need,
+and an admitted request waits for at most what the places hold. The worker takes the first queued
 request, then keeps collecting until the batch holds ``max_batch_size`` requests or
 ``max_queue_delay_ms`` have passed since that first request arrived (not since the worker began
 waiting: a request that already waited while the runtime was busy is not made to wait again).
@@ -19,7 +23,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -95,6 +99,7 @@ class Batcher:
         self._running: set[asyncio.Task[None]] = set()
         self._closed = False
         self._waiting = 0  # requests in the queue; qsize() would also count _STOP
+        self._admitted = 0  # requests between admit() and their answer
         # Smoothed seconds per batch, for the Retry-After estimate; seeded with a pessimistic guess.
         self._batch_seconds = 0.05
 
@@ -143,7 +148,39 @@ class Batcher:
         """Requests waiting in the queue (not counting batches already running)."""
         return self._waiting
 
+    @property
+    def capacity(self) -> int:
+        """Requests admitted at once: the queue's places and one per image that can be running."""
+        return self.max_queue_size + self.max_concurrent_batches * self.max_batch_size
+
+    @property
+    def in_progress(self) -> int:
+        """Requests admitted and not yet answered (reading, decoding, queued or running)."""
+        return self._admitted
+
     # --- the caller's side ----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def admit(self) -> Iterator[None]:
+        """Hold one of the model's places from a request's arrival to its answer.
+
+        Raises Overloaded (with a Retry-After estimate) when every place is taken, and
+        ModelUnavailable while stopping.
+        """
+        if self._closed or self._worker is None:
+            raise ModelUnavailable(f"{self.model} is not accepting requests (shutting down)")
+        if self._admitted >= self.capacity:
+            retry_after = self._retry_after_s(self._admitted)
+            raise Overloaded(
+                f"{self.model} is at capacity ({self._admitted} requests in progress); "
+                f"retry in about {retry_after} s",
+                headers={"Retry-After": str(retry_after)},
+            )
+        self._admitted += 1
+        try:
+            yield
+        finally:
+            self._admitted -= 1
+
     async def submit(
         self, tensor: np.ndarray, *, deadline: float | None = None, request_id: str | None = None
     ) -> BatchResult:

@@ -82,6 +82,9 @@ class Settings(BaseSettings):
 
     # --- input limits --------------------------------------------------------------------------
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1)
+    # The whole body must arrive within this many seconds of the request's headers (slow clients and
+    # slow-loris trickles get 408 and the connection closed); 20 MiB in 60 s is ~2.8 Mbit/s.
+    body_read_timeout_s: float = Field(60.0, gt=0)
     max_image_pixels: int = Field(40_000_000, ge=1)
 
     # --- ONNX Runtime and thread pools ---------------------------------------------------------

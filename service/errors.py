@@ -7,6 +7,13 @@ Routes and lower layers raise these; one exception handler turns them into
 from __future__ import annotations
 
 
+def shown(value: object, limit: int = 80) -> str:
+    """``repr(value)`` for an error message, cut to ``limit`` characters: client input is echoed,
+    never amplified (a 60 KB model name gets a short answer)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class ServiceError(Exception):
     status_code: int = 500
     code: str = "internal_error"
@@ -32,6 +39,10 @@ class PayloadTooLarge(ServiceError):
     status_code, code = 413, "payload_too_large"
 
 
+class BodyReadTimeout(ServiceError):
+    status_code, code = 408, "body_timeout"
+
+
 class ImageTooLarge(ServiceError):
     status_code, code = 413, "image_too_large"
 
@@ -46,6 +57,15 @@ class InvalidParameter(ServiceError):
 
 class Overloaded(ServiceError):
     status_code, code = 429, "overloaded"
+
+
+class ClientDisconnected(ServiceError):
+    """The client went away before its answer: nobody reads this, but logs and metrics count it.
+
+    499 is nginx's "client closed request"; it is never sent to a connected client.
+    """
+
+    status_code, code = 499, "client_disconnected"
 
 
 class InternalError(ServiceError):

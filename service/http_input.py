@@ -7,20 +7,41 @@ server never holds more than ``max_body_bytes`` of one request.
 
 Two body shapes are accepted: a raw image (any Content-Type; the decoder sniffs the bytes), or
 ``multipart/form-data`` whose ``file`` parts are the images, parsed incrementally as chunks arrive.
-A multipart Content-Type without a boundary cannot be parsed at all: that is a 415 (the declared
-media type is unusable), while a body that does not follow its own boundary is a 400 invalid_image.
+A multipart Content-Type without a usable boundary cannot be parsed at all: that is a 415 (the
+declared media type is unusable), while a body that does not follow its own boundary is a 400
+invalid_image. A body with more ``file`` parts than ``max_files`` is a 413 as soon as the one too
+many begins.
+
+Slow clients: the whole body must arrive within ``timeout_s`` of the request's headers, however it
+trickles in (408). A client that goes away mid-upload, or while its request is being served, gets
+:class:`ClientDisconnected` (counted as 499): :func:`cancel_on_disconnect` cancels the work it was
+waiting for, so nothing is decoded or run for nobody. Every error raised before the body was read
+to its end asks for the connection to be closed, since the rest of the body is never read.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
+from typing import TypeVar
 
-from python_multipart.exceptions import MultipartParseError
+from python_multipart.exceptions import FormParserError, MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
-from service.errors import InvalidImage, InvalidParameter, PayloadTooLarge, UnsupportedMediaType
+from service.errors import (
+    BodyReadTimeout,
+    ClientDisconnected,
+    InvalidImage,
+    InvalidParameter,
+    PayloadTooLarge,
+    ServiceError,
+    UnsupportedMediaType,
+)
+
+T = TypeVar("T")
 
 FILE_FIELD = "file"
 # Part headers are tiny; these bounds stop a body made of endless headers.
@@ -37,24 +58,69 @@ class Upload:
     content_type: str | None  # as declared (for a raw body, the request's Content-Type); may lie
 
 
-async def read_uploads(request: Request, max_body_bytes: int) -> list[Upload]:
+async def read_uploads(
+    request: Request, max_body_bytes: int, *, max_files: int, timeout_s: float
+) -> list[Upload]:
     """The images in the request body: one for a raw body, one per ``file`` part for multipart."""
-    _refuse_declared_length(request.headers.get("content-length"), max_body_bytes)
-    media_type, params = parse_options_header(request.headers.get("content-type"))
-    chunks = _capped_stream(request, max_body_bytes)
-    if media_type == b"multipart/form-data":
-        boundary = params.get(b"boundary")
-        if not boundary:
-            raise UnsupportedMediaType("multipart/form-data needs a boundary parameter in its Content-Type")
-        return await _read_multipart(chunks, boundary)
-    body = bytearray()
+    body = _Body(request, max_body_bytes)
+    try:
+        _refuse_declared_length(request.headers.get("content-length"), max_body_bytes)
+        media_type, params = parse_options_header(request.headers.get("content-type"))
+        parser = None
+        if media_type == b"multipart/form-data":
+            collector = _PartCollector(max_files)
+            parser = _multipart_parser(params.get(b"boundary"), collector)
+        try:
+            async with asyncio.timeout(timeout_s):
+                if parser is not None:
+                    return await _read_multipart(body.chunks(), parser, collector)
+                return [await _read_raw(body.chunks(), media_type)]
+        except TimeoutError:
+            raise BodyReadTimeout(
+                f"the body did not arrive within {timeout_s:g} s (BODY_READ_TIMEOUT_S)"
+            ) from None
+    except ServiceError as exc:
+        if not body.complete:
+            # The rest of the body stays unread: only a fresh connection can carry the next request.
+            exc.headers.setdefault("Connection", "close")
+        raise
+
+
+async def _read_raw(chunks: AsyncIterator[bytes], media_type: bytes) -> Upload:
+    data = bytearray()
     async for chunk in chunks:
-        body += chunk
-    if not body:
+        data += chunk
+    if not data:
         raise InvalidImage(
             "the request body is empty: send the image bytes, or multipart/form-data with a file part"
         )
-    return [Upload(None, bytes(body), media_type.decode("latin-1") or None)]
+    return Upload(None, bytes(data), media_type.decode("latin-1") or None)
+
+
+async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work`` unless the client disconnects first; then cancel it and raise ClientDisconnected.
+
+    Call it once the body has been read: the next ASGI message can then only be the disconnect.
+    Cancelling the work gives its queue places back, so the batcher skips it and no runtime runs it.
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        watcher.cancel()
+    if task.cancelled():
+        raise ClientDisconnected("the client disconnected before its answer was ready")
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _refuse_declared_length(header: str | None, max_body_bytes: int) -> None:
@@ -68,27 +134,45 @@ def _refuse_declared_length(header: str | None, max_body_bytes: int) -> None:
         raise PayloadTooLarge(f"the body is {declared} bytes; the limit is {max_body_bytes}")
 
 
-async def _capped_stream(request: Request, max_body_bytes: int) -> AsyncIterator[bytes]:
-    received = 0
+class _Body:
+    """The request body as a stream of chunks under the size cap; ``complete`` once all arrived."""
+
+    def __init__(self, request: Request, max_body_bytes: int) -> None:
+        self._request = request
+        self._max_body_bytes = max_body_bytes
+        self.complete = False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        received = 0
+        try:
+            async for chunk in self._request.stream():
+                received += len(chunk)
+                if received > self._max_body_bytes:
+                    raise PayloadTooLarge(f"the body is over the limit of {self._max_body_bytes} bytes")
+                if chunk:
+                    yield chunk
+        except ClientDisconnect:
+            raise ClientDisconnected("the client disconnected before sending the whole body") from None
+        self.complete = True
+
+
+def _multipart_parser(boundary: bytes | None, collector: _PartCollector) -> MultipartParser:
+    if not boundary:
+        raise UnsupportedMediaType("multipart/form-data needs a boundary parameter in its Content-Type")
     try:
-        async for chunk in request.stream():
-            received += len(chunk)
-            if received > max_body_bytes:
-                raise PayloadTooLarge(f"the body is over the limit of {max_body_bytes} bytes")
-            if chunk:
-                yield chunk
-    except ClientDisconnect:
-        raise InvalidImage("the client disconnected before sending the whole body") from None
+        return MultipartParser(
+            boundary,
+            collector.callbacks(),
+            max_header_count=_MAX_PART_HEADERS,
+            max_header_size=_MAX_PART_HEADER_BYTES,
+        )
+    except FormParserError as exc:  # e.g. a boundary over the parser's 256-byte limit
+        raise UnsupportedMediaType(f"unusable multipart boundary: {exc}") from None
 
 
-async def _read_multipart(chunks: AsyncIterator[bytes], boundary: bytes) -> list[Upload]:
-    collector = _PartCollector()
-    parser = MultipartParser(
-        boundary,
-        collector.callbacks(),
-        max_header_count=_MAX_PART_HEADERS,
-        max_header_size=_MAX_PART_HEADER_BYTES,
-    )
+async def _read_multipart(
+    chunks: AsyncIterator[bytes], parser: MultipartParser, collector: _PartCollector
+) -> list[Upload]:
     try:
         async for chunk in chunks:
             parser.write(chunk)
@@ -105,7 +189,8 @@ async def _read_multipart(chunks: AsyncIterator[bytes], boundary: bytes) -> list
 class _PartCollector:
     """Callbacks for the streaming parser: keeps the data of ``file`` parts, skips other fields."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_files: int) -> None:
+        self.max_files = max_files
         self.uploads: list[Upload] = []
         self.ended = False
         self._headers: dict[bytes, bytes] = {}
@@ -137,6 +222,11 @@ class _PartCollector:
     def _headers_finished(self) -> None:
         _, disposition = parse_options_header(self._headers.get(b"content-disposition"))
         if disposition.get(b"name") == FILE_FIELD.encode():
+            if len(self.uploads) >= self.max_files:
+                raise PayloadTooLarge(
+                    f"more than {self.max_files} {FILE_FIELD!r} parts in one request; "
+                    f"the limit is {self.max_files} (the model's queue size)"
+                )
             self._data = bytearray()
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:

@@ -1,7 +1,9 @@
 """One classification request, stage by stage: decode in a thread pool, batch, predict.
 
 Knows nothing of HTTP: it takes the uploaded bytes and a ready model and returns predictions with
-the time each stage took. Decoding runs in a pool sized for the machine, never on the event loop.
+the time each stage took. Decoding runs in a pool sized for the machine, never on the event loop,
+and the models take turns for its threads (:class:`FairPool`), so one model's backlog of uploads
+never queues ahead of another model's.
 """
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Iterable
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -17,6 +18,7 @@ import numpy as np
 
 from service import imaging
 from service.errors import ServiceError
+from service.fair_pool import FairPool
 from service.http_input import Upload
 from service.inference import top_k as rank
 from service.manifest import PreprocessingSpec
@@ -39,7 +41,7 @@ class ImageResult:
 class Pipeline:
     """Decode -> batcher -> top-k, with the decode pool and limits it needs."""
 
-    def __init__(self, decode_pool: Executor, metrics: Metrics, *, max_image_pixels: int) -> None:
+    def __init__(self, decode_pool: FairPool, metrics: Metrics, *, max_image_pixels: int) -> None:
         self._decode_pool = decode_pool
         self._metrics = metrics
         self._max_image_pixels = max_image_pixels
@@ -76,8 +78,8 @@ class Pipeline:
     async def _decode(self, model: str, upload: Upload, spec: PreprocessingSpec) -> tuple[np.ndarray, float]:
         started = time.monotonic()
         try:
-            tensor = await asyncio.get_running_loop().run_in_executor(
-                self._decode_pool, _decode_blocking, upload, spec, self._max_image_pixels
+            tensor = await self._decode_pool.run(
+                model, _decode_blocking, upload, spec, self._max_image_pixels
             )
         except ServiceError as exc:
             if upload.filename is not None:  # say which of several files it was

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from models.zoo import DEFAULT_MODELS, UnknownModelError, split_precision
 from service.batcher import Batcher
 from service.config import Settings
-from service.errors import ModelUnavailable, UnknownModel
+from service.errors import ModelUnavailable, UnknownModel, shown
 from service.manifest import MANIFEST_FILE, Manifest
 from service.metrics import Metrics
 from service.runtimes import BackendUnavailable, Runtime, RuntimeLoadError, RuntimeOptions, load_runtime
@@ -114,9 +114,8 @@ class ModelRepository:
         """The ready model ``name``; UnknownModel (404) or ModelUnavailable (503) otherwise."""
         model = self.models.get(name) if name else None
         if model is None:
-            raise UnknownModel(
-                f"unknown model {name!r}; available models: {', '.join(self.models) or '(none configured)'}"
-            )
+            available = ", ".join(self.models) or "(none configured)"
+            raise UnknownModel(f"unknown model {shown(name)}; available models: {available}")
         if model.status is not ModelStatus.READY or model.batcher is None:
             detail = f": {model.reason}" if model.reason else ""
             raise ModelUnavailable(f"model {model.name} is {model.status.value}{detail}")

@@ -11,15 +11,32 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.errors import UnknownModel
-from service.http_input import read_uploads
+from service.errors import UnknownModel, shown
+from service.http_input import cancel_on_disconnect, read_uploads
+from service.openapi import (
+    CLASSIFY_REQUEST_BODY,
+    Classification,
+    Health,
+    ModelEntry,
+    ModelList,
+    Readiness,
+    error_responses,
+)
 from service.pipeline import ImageResult
 from service.repository import ServedModel
 
 router = APIRouter()
 
 
-@router.post("/classify")
+@router.post(
+    "/classify",
+    summary="Classify one image (raw body) or several (multipart `file` parts)",
+    openapi_extra=CLASSIFY_REQUEST_BODY,
+    responses={
+        200: {"model": Classification},
+        **error_responses(400, 404, 408, 413, 415, 422, 429, 500, 503, 504),
+    },
+)
 async def classify(
     request: Request,
     model: Annotated[str, Query(description="model name, e.g. shufflenet_v2")],
@@ -27,15 +44,24 @@ async def classify(
 ) -> JSONResponse:
     started = time.monotonic()
     state = request.app.state
+    settings = state.settings
     served = state.repository.get(model)
-    uploads = await read_uploads(request, state.settings.max_body_bytes)
-    results = await state.pipeline.classify(
-        served,
-        uploads,
-        top_k=top_k,
-        deadline=started + state.settings.request_timeout_s,
-        request_id=request.state.request_id,
-    )
+    # A place in the model's line before anything is read or decoded: 429 at the door.
+    with served.batcher.admit():
+        uploads = await read_uploads(
+            request,
+            settings.max_body_bytes,
+            max_files=served.batcher.max_queue_size,
+            timeout_s=settings.body_read_timeout_s,
+        )
+        work = state.pipeline.classify(
+            served,
+            uploads,
+            top_k=top_k,
+            deadline=started + settings.request_timeout_s,
+            request_id=request.state.request_id,
+        )
+        results = await cancel_on_disconnect(request, work)
     total_s = time.monotonic() - started
     body: dict = {"model": served.name, "backend": served.runtime.name}
     multipart = request.headers.get("content-type", "").lower().startswith("multipart/")
@@ -47,27 +73,29 @@ async def classify(
     return JSONResponse(body)
 
 
-@router.get("/models")
+@router.get("/models", responses={200: {"model": ModelList}})
 async def list_models(request: Request) -> JSONResponse:
     models = request.app.state.repository.models.values()
     return JSONResponse({"models": [describe(model, detail=False) for model in models]})
 
 
-@router.get("/models/{name}")
+@router.get("/models/{name}", responses={200: {"model": ModelEntry}, **error_responses(404)})
 async def get_model(request: Request, name: str) -> JSONResponse:
     repository = request.app.state.repository
     model = repository.models.get(name)
     if model is None:
-        raise UnknownModel(f"unknown model {name!r}; available models: {', '.join(repository.models)}")
+        raise UnknownModel(f"unknown model {shown(name)}; available models: {', '.join(repository.models)}")
     return JSONResponse(describe(model, detail=True))
 
 
-@router.get("/healthz")
+@router.get("/healthz", responses={200: {"model": Health}})
 async def healthz() -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
-@router.get("/readyz")
+@router.get(
+    "/readyz", responses={200: {"model": Readiness}, 503: {"model": Readiness, "description": "not ready"}}
+)
 async def readyz(request: Request) -> JSONResponse:
     repository = request.app.state.repository
     models = {
@@ -84,7 +112,11 @@ async def readyz(request: Request) -> JSONResponse:
     )
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus"}},
+)
 async def metrics(request: Request) -> Response:
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -126,6 +158,8 @@ def describe(model: ServedModel, *, detail: bool) -> dict:
             "max_queue_delay_ms": batcher.max_queue_delay_s * 1000,
             "max_queue_size": batcher.max_queue_size,
             "max_concurrent_batches": batcher.max_concurrent_batches,
+            "capacity": batcher.capacity,
+            "in_progress": batcher.in_progress,
             "queue_depth": batcher.depth,
         }
     if detail and manifest is not None:
