@@ -228,7 +228,7 @@ def hostile_cases(max_queue_size: int) -> list[Case]:
         "application/x-www-form-urlencoded",
     ):
         add(f"declared-{content_type}", 415, "unsupported_media_type", jpeg, content_type)
-    add("content-type-garbage", 415, "unsupported_media_type", jpeg, "\x01\x02;;;==")
+    add("content-type-garbage", 415, "unsupported_media_type", jpeg, '}{;;;=="; boundary')
     # Polyglots: the leading signature decides.
     add("jpeg-then-zip", 200, None, jpeg + b"PK\x03\x04" + rng.bytes(512))
     add("png-then-html", 200, None, png + b"<html><script>alert(1)</script></html>", "image/png")
