@@ -7,18 +7,19 @@ In one run, on this machine, for each model of the repository:
 
 (a) the runtime alone, in-process, through the server's own backend: batch 1 and the batch sizes the
     batcher can form, at each intra-op thread setting (``benchmarks/inprocess.py``);
-    and the server's whole work in-process: decode + preprocess + inference + top-5 of the same
-    500x375 JPEGs, one request at a time (latency) and with every core busy (throughput);
 (b) the served path: ``python -m service`` started here (or ``--url``, a server already running)
     under the load generator's concurrency sweep (``benchmarks/load.py``);
-(c) served against in-process: requests/s at the highest concurrency over the best in-process
-    throughput, and the p50 at concurrency 1 against the in-process p50;
+(c) the served path against the same work in-process (decode + preprocess + inference + top-5 of the
+    same 500x375 JPEGs through the service's own code): requests/s at the highest concurrency over
+    the best in-process throughput with every core busy (worker threads, one session shared or one
+    each), and the p50 at the lowest concurrency against the in-process p50 of one request at a time;
 (d) analytic cost beside measured speed: FLOPs, parameters, memory access cost, latency, images/s,
     achieved GFLOP/s and latency per GFLOP;
 
 plus the ShuffleNet v2 paper's experiments (``benchmarks/experiments/``). Every figure is measured
-``--repeats`` times (served levels interleaved across models, so a noisy spell hits them alike) and
-reported as the median with its range. Output: ``benchmarks/results/<timestamp>/`` with
+``--repeats`` times and reported as the median with its range. For (c) each repeat measures a model
+in-process and served back to back, so a noisy spell on a shared machine hits both sides of a ratio
+alike, and the ratio is taken repeat by repeat. Output: ``benchmarks/results/<timestamp>/`` with
 ``results.json``, ``report.md``, ``latency_vs_flops.png``, ``guideline1.md``, ``decomposition.md``,
 the load generator's ``load.json``/``load.csv`` and the server's log.
 """
@@ -26,6 +27,7 @@ the load generator's ``load.json``/``load.csv`` and the server's log.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -57,7 +59,11 @@ class Plan:
     runtime_duration_s: float = 0.5
     batch_sizes: tuple[int, ...] = (1, 2, 4, 8)
     thread_settings: tuple[int, ...] = (1, 2)
-    pipeline_duration_s: float = 2.0
+    pipeline_duration_s: float = 1.5
+    # In-process worker threads: one per core, and two per core (on a machine shared with other work,
+    # more runnable threads win a larger share of the cores, as the server's decode and inference
+    # threads do; on a quiet machine one per core is the faster).
+    workers: tuple[int, ...] = (cpu_count(), 2 * cpu_count())
     load_duration_s: float = 5.0
     load_warmup_s: float = 1.0
     concurrency: tuple[int, ...] = (1, 4, 16)
@@ -76,6 +82,7 @@ class Plan:
             batch_sizes=(1, 2),
             thread_settings=(1,),
             pipeline_duration_s=0.3,
+            workers=(cpu_count(),),
             load_duration_s=0.5,
             load_warmup_s=0.2,
             concurrency=(1, 4),
@@ -189,20 +196,48 @@ def _batching(url: str) -> dict[str, str]:
     return described
 
 
-def served(url: str, models: list[str], plan: Plan, images: list[load.Image]) -> list[dict]:
-    """Every (repeat, model, concurrency) level; repeats outermost, so noise spreads evenly."""
+def compare(
+    url: str, repository: Path, models: list[str], plan: Plan, images: list[load.Image]
+) -> tuple[list[dict], list[dict], list[dict]]:
+    """(c): the same work served and in-process, side by side in time.
+
+    Each repeat measures, model by model: the in-process latency one request at a time, every served
+    concurrency level, then the in-process throughput of every arrangement. A noisy spell on a shared
+    machine then hits both sides of a ratio alike, and the ratio can be taken repeat by repeat.
+    Returns (in-process latency rows, in-process throughput rows, served level rows), each with its
+    ``repeat``.
+    """
     config = load.LoadConfig(url=url, duration_s=plan.load_duration_s, warmup_s=plan.load_warmup_s)
     levels = load.levels_from(plan.concurrency)
     progress = load.progress_bar()
-    rows = []
+    data = [image.data for image in images]
+    latency_rows, throughput_rows, served_rows = [], [], []
     for repeat in range(plan.repeats):
         for model in models:
+            where = f"{model}, repeat {repeat + 1}/{plan.repeats}"
+            _say(f"in-process latency: {where}")
+            latency = inprocess.pipeline_latency(
+                repository / model, data, duration_s=plan.pipeline_duration_s, repeats=1
+            )
+            latency_rows.append({**latency.to_dict(), "repeat": repeat})
             for level in levels:
                 if progress is None:
-                    _say(f"served: {model} {level} (repeat {repeat + 1}/{plan.repeats})")
+                    _say(f"served {level}: {where}")
                 result = load.run(load.run_level(config, model, level, images, progress))
-                rows.append({**result.to_dict(), "repeat": repeat})
-    return rows
+                served_rows.append({**result.to_dict(), "repeat": repeat})
+            _say(f"in-process throughput: {where}")
+            for workers in plan.workers:
+                for arrangement in inprocess.ARRANGEMENTS:
+                    throughput = inprocess.pipeline_throughput(
+                        repository / model,
+                        data,
+                        workers=workers,
+                        arrangement=arrangement,
+                        duration_s=plan.pipeline_duration_s,
+                        repeats=1,
+                    )
+                    throughput_rows.append({**throughput.to_dict(), "repeat": repeat})
+    return latency_rows, throughput_rows, served_rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,24 +281,6 @@ def run(repository: Path, models: list[str], plan: Plan, out_dir: Path, url: str
         )
         results["runtime"] += [row.to_dict() for row in rows]
 
-    _say("the server's work in-process: decode + preprocess + inference")
-    data = [image.data for image in jpegs]
-    results["pipeline_latency"], results["pipeline_throughput"] = [], []
-    for model in models:
-        latency = inprocess.pipeline_latency(
-            repository / model, data, duration_s=plan.pipeline_duration_s, repeats=plan.repeats
-        )
-        results["pipeline_latency"].append(latency.to_dict())
-        for arrangement in inprocess.ARRANGEMENTS:
-            throughput = inprocess.pipeline_throughput(
-                repository / model,
-                data,
-                arrangement=arrangement,
-                duration_s=plan.pipeline_duration_s,
-                repeats=plan.repeats,
-            )
-            results["pipeline_throughput"].append(throughput.to_dict())
-
     if plan.experiments:
         results["guideline1"] = [
             row.to_dict()
@@ -283,18 +300,16 @@ def run(repository: Path, models: list[str], plan: Plan, out_dir: Path, url: str
                 )
                 results["decomposition"].append(row.to_dict())
 
-    _say("(b) the served path under the load generator")
-    if url is None:
-        with Server(repository, models, out_dir / "server.log") as server:
-            results["served"] = {
-                "command": server.command,
-                "url": server.url,
-                "batching": _batching(server.url),
-            }
-            results["served"]["levels"] = served(server.url, models, plan, jpegs)
-    else:
-        results["served"] = {"command": f"already running at {url}", "url": url, "batching": _batching(url)}
-        results["served"]["levels"] = served(url, models, plan, jpegs)
+    _say("(b) and (c): the served path under the load generator, and the same work in-process")
+    with contextlib.ExitStack() as stack:
+        if url is None:
+            server = stack.enter_context(Server(repository, models, out_dir / "server.log"))
+            url, command = server.url, server.command
+        else:
+            command = f"already running at {url}"
+        latency, throughput, levels = compare(url, repository, models, plan, jpegs)
+        results["pipeline_latency"], results["pipeline_throughput"] = latency, throughput
+        results["served"] = {"command": command, "url": url, "batching": _batching(url), "levels": levels}
 
     results["machine"]["loadavg_after"] = _loadavg()
     results["duration_s"] = time.perf_counter() - clock

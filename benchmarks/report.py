@@ -73,27 +73,87 @@ def _runtime_row(results: dict, model: str, batch: int = 1, threads: int = 1) ->
     return None
 
 
-def model_summary(results: dict) -> list[dict]:
-    """One row per model: analytic cost, in-process and served speed, and the ratios between them."""
-    levels = served_levels(results)
-    latency = {row["model"]: row for row in results.get("pipeline_latency", [])}
-    throughput: dict[str, list[dict]] = defaultdict(list)
+def _by_repeat(rows: list[dict], key: str) -> dict[int, float]:
+    return {row.get("repeat", 0): row[key]["median"] for row in rows}
+
+
+def inprocess_latency(results: dict) -> dict[str, dict]:
+    """model -> p50 and p90 (spread over the repeats) and the p50 of each repeat."""
+    grouped: dict[str, list[dict]] = defaultdict(list)
+    for row in results.get("pipeline_latency", []):
+        grouped[row["model"]].append(row)
+    return {
+        model: {
+            "p50_ms": _spread([r["p50_ms"]["median"] for r in rows]),
+            "p90_ms": _spread([r["p90_ms"]["median"] for r in rows]),
+            "by_repeat": _by_repeat(rows, "p50_ms"),
+        }
+        for model, rows in grouped.items()
+    }
+
+
+def inprocess_throughput(results: dict) -> dict[tuple[str, str, int], dict]:
+    """(model, arrangement, workers) -> requests/s (spread over the repeats) and each repeat's."""
+    grouped: dict[tuple[str, str, int], list[dict]] = defaultdict(list)
     for row in results.get("pipeline_throughput", []):
-        throughput[row["model"]].append(row)
+        grouped[(row["model"], row["arrangement"], row["workers"])].append(row)
+    return {
+        key: {
+            "requests_per_s": _spread([r["requests_per_s"]["median"] for r in rows]),
+            "by_repeat": _by_repeat(rows, "requests_per_s"),
+        }
+        for key, rows in grouped.items()
+    }
+
+
+def _served_by_repeat(results: dict, model: str, level: float, key: str) -> dict[int, float]:
+    return {
+        row.get("repeat", 0): (row[key] if key != "p50_ms" else row["latency_ms"]["p50"])
+        for row in results.get("served", {}).get("levels", [])
+        if row["model"] == model and row["level"] == level
+    }
+
+
+def _paired(served: dict[int, float], inproc: dict[int, float], combine) -> dict | None:
+    """``combine(served, in-process)`` repeat by repeat, as a spread."""
+    values = [combine(served[r], inproc[r]) for r in sorted(served.keys() & inproc.keys())]
+    values = [v for v in values if v is not None]
+    return _spread(values) if values else None
+
+
+def model_summary(results: dict) -> list[dict]:
+    """One row per model: analytic cost, in-process and served speed, and the ratios between them.
+
+    Served and in-process figures of the same repeat were measured minutes apart at most, so the
+    comparisons are made repeat by repeat and summarised as a median with its range.
+    """
+    levels = served_levels(results)
+    latency = inprocess_latency(results)
+    throughput = inprocess_throughput(results)
     concurrency = sorted({level for _, level in levels}) or [1]
     low_c, high_c = concurrency[0], concurrency[-1]
     rows = []
     for model, facts in results["models"].items():
         runtime = _runtime_row(results, model)
-        best = max(throughput.get(model, []), key=lambda r: r["requests_per_s"]["median"], default=None)
+        runtime_ms = runtime["batch_ms"]["median"] if runtime else None
+        arrangements = {key: value for key, value in throughput.items() if key[0] == model}
+        best_key = max(arrangements, key=lambda k: arrangements[k]["requests_per_s"]["median"], default=None)
+        best = arrangements.get(best_key) if best_key else None
         served_low = levels.get((model, low_c), {})
         served_high = levels.get((model, high_c), {})
-        runtime_ms = runtime["batch_ms"]["median"] if runtime else None
         flops = facts["flops"]
-        inproc_p50 = latency[model]["p50_ms"]["median"] if model in latency else None
-        served_p50 = (served_low.get("p50_ms") or {}).get("median")
-        served_rps = (served_high.get("requests_per_s") or {}).get("median")
-        best_rps = best["requests_per_s"]["median"] if best else None
+        inproc = latency.get(model)
+        ratio = _paired(
+            _served_by_repeat(results, model, high_c, "requests_per_s"),
+            best["by_repeat"] if best else {},
+            lambda served, inproc: served / inproc if inproc else None,
+        )
+        difference = _paired(
+            _served_by_repeat(results, model, low_c, "p50_ms"),
+            inproc["by_repeat"] if inproc else {},
+            lambda served, inproc: None if served is None else served - inproc,
+        )
+        served_p50 = served_low.get("p50_ms")
         rows.append(
             {
                 "model": model,
@@ -108,25 +168,17 @@ def model_summary(results: dict) -> list[dict]:
                 "runtime_images_per_s": runtime["images_per_s"]["median"] if runtime else None,
                 "achieved_gflops": flops / 1e9 / (runtime_ms / 1000) if runtime_ms else None,
                 "ms_per_gflop": runtime_ms / (flops / 1e9) if runtime_ms else None,
-                "inprocess_p50_ms": inproc_p50,
-                "served_p50_ms": served_p50,
-                "served_p50_range_ms": (
-                    [served_low["p50_ms"]["low"], served_low["p50_ms"]["high"]]
-                    if served_low.get("p50_ms")
-                    else None
-                ),
-                "served_p50_minus_inprocess_ms": (
-                    served_p50 - inproc_p50 if served_p50 is not None and inproc_p50 is not None else None
-                ),
+                "inprocess_p50_ms": inproc["p50_ms"]["median"] if inproc else None,
+                "served_p50_ms": served_p50["median"] if served_p50 else None,
+                "served_p50_range_ms": [served_p50["low"], served_p50["high"]] if served_p50 else None,
+                "served_p50_minus_inprocess_ms": difference,
                 "served_concurrency_low": low_c,
                 "served_concurrency_high": high_c,
-                "served_requests_per_s": served_rps,
+                "served_requests_per_s": (served_high.get("requests_per_s") or {}).get("median"),
                 "served_images_per_s": (served_high.get("images_per_s") or {}).get("median"),
-                "inprocess_requests_per_s": best_rps,
-                "inprocess_arrangement": f"{best['arrangement']}, {best['workers']} workers"
-                if best
-                else None,
-                "served_over_inprocess": served_rps / best_rps if served_rps and best_rps else None,
+                "inprocess_requests_per_s": best["requests_per_s"]["median"] if best else None,
+                "inprocess_arrangement": f"{best_key[1]}, {best_key[2]} workers" if best_key else None,
+                "served_over_inprocess": ratio,
             }
         )
     return rows
@@ -147,6 +199,15 @@ def _sp(spread: dict | None, digits: int = 1) -> str:
     if spread.get("n", len(spread.get("values", ()))) == 1:
         return f"{spread['median']:.{digits}f}"
     return f"{spread['median']:.{digits}f} ({spread['low']:.{digits}f}-{spread['high']:.{digits}f})"
+
+
+def _percent(spread: dict | None) -> str:
+    if not spread:
+        return "-"
+    median, low, high = (100 * spread[key] for key in ("median", "low", "high"))
+    if spread["n"] == 1:
+        return f"{median:.0f}%"
+    return f"{median:.0f}% ({low:.0f}-{high:.0f}%)"
 
 
 def _table(head: list[str], rows: list[list[str]]) -> str:
@@ -186,10 +247,10 @@ def summary_table(results: dict) -> str:
             _f(r["ms_per_gflop"], 1),
             _f(r["served_p50_ms"], 2),
             _f(r["inprocess_p50_ms"], 2),
-            _f(r["served_p50_minus_inprocess_ms"], 2, ""),
+            _sp(r["served_p50_minus_inprocess_ms"], 2),
             _f(r["served_requests_per_s"], 1),
             _f(r["inprocess_requests_per_s"], 1),
-            _f(None if r["served_over_inprocess"] is None else 100 * r["served_over_inprocess"], 0, "%"),
+            _percent(r["served_over_inprocess"]),
         ]
         for r in rows
     ]
@@ -213,18 +274,18 @@ def runtime_table(results: dict) -> str:
 
 
 def pipeline_table(results: dict) -> str:
-    latency = {row["model"]: row for row in results.get("pipeline_latency", [])}
+    latency = inprocess_latency(results)
     head = ["model", "p50 ms, one at a time", "p90 ms", "arrangement", "workers", "requests/s"]
     body = []
-    for row in results.get("pipeline_throughput", []):
-        lat = latency.get(row["model"])
+    for (model, arrangement, workers), row in inprocess_throughput(results).items():
+        lat = latency.get(model)
         body.append(
             [
-                row["model"],
+                model,
                 _sp(lat["p50_ms"], 2) if lat else "-",
                 _sp(lat["p90_ms"], 2) if lat else "-",
-                row["arrangement"],
-                str(row["workers"]),
+                arrangement,
+                str(workers),
                 _sp(row["requests_per_s"], 1),
             ]
         )
@@ -320,7 +381,11 @@ def markdown(results: dict) -> str:
         "- served p50 at the lowest concurrency against the in-process p50 of the same work, one request "
         "at a time on one thread: sniff + decode + preprocess + inference + top-5 of the same 500x375 JPEGs.",
         "- served req/s at the highest concurrency against the best in-process throughput of that work with "
-        "every core busy (arrangements below).",
+        "every core busy: "
+        + "; ".join(f"{r['model']} {r['inprocess_arrangement']}" for r in model_summary(results))
+        + " (all arrangements below).",
+        "- difference and served / in-process are taken repeat by repeat (each repeat measures a model "
+        "served and in-process within a minute), then summarised as the median (range).",
         "",
         f"![latency against FLOPs]({CHART_FILE})",
         "",

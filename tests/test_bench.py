@@ -64,10 +64,11 @@ def _spread(*values: float) -> dict:
     }
 
 
-def _level(model: str, level: int, rps: float, p50: float) -> dict:
+def _level(model: str, level: int, repeat: int, rps: float, p50: float) -> dict:
     return {
         "model": model,
         "level": level,
+        "repeat": repeat,
         "requests_per_s": rps,
         "images_per_s": rps,
         "latency_ms": {"p50": p50, "p99": 2 * p50},
@@ -81,7 +82,18 @@ def _level(model: str, level: int, rps: float, p50: float) -> dict:
     }
 
 
+def _throughput(arrangement: str, repeat: int, rps: float) -> dict:
+    return {
+        "model": "m",
+        "arrangement": arrangement,
+        "workers": 2,
+        "repeat": repeat,
+        "requests_per_s": _spread(rps),
+    }
+
+
 def _results() -> dict:
+    """Three repeats; each pairs a served measurement with the in-process one next to it."""
     return {
         "models": {"m": {"flops": 200_000_000, "params": 2_000_000, "memory_access_cost": 5_000_000}},
         "runtime": [
@@ -93,39 +105,44 @@ def _results() -> dict:
                 "images_per_s": _spread(200.0),
             },
         ],
-        "pipeline_latency": [{"model": "m", "p50_ms": _spread(8.0), "p90_ms": _spread(9.0), "requests": 10}],
+        "pipeline_latency": [
+            {"model": "m", "repeat": r, "p50_ms": _spread(p50), "p90_ms": _spread(9.0), "requests": 10}
+            for r, p50 in enumerate((8.0, 8.5, 7.5))
+        ],
         "pipeline_throughput": [
-            {"model": "m", "arrangement": "shared-session", "workers": 2, "requests_per_s": _spread(200.0)},
-            {
-                "model": "m",
-                "arrangement": "session-per-worker",
-                "workers": 2,
-                "requests_per_s": _spread(250.0),
-            },
+            *(_throughput("shared-session", r, rps) for r, rps in enumerate((200.0, 210.0, 190.0))),
+            *(_throughput("session-per-worker", r, rps) for r, rps in enumerate((250.0, 240.0, 260.0))),
         ],
         "served": {
             "levels": [
-                _level("m", 1, 100.0, 9.0),
-                _level("m", 1, 90.0, 10.0),
-                _level("m", 1, 110.0, 9.5),
-                _level("m", 16, 200.0, 80.0),
-                _level("m", 16, 180.0, 90.0),
-                _level("m", 16, 190.0, 85.0),
+                _level("m", 1, 0, 100.0, 9.0),
+                _level("m", 1, 1, 90.0, 10.0),
+                _level("m", 1, 2, 110.0, 9.5),
+                _level("m", 16, 0, 200.0, 80.0),
+                _level("m", 16, 1, 180.0, 90.0),
+                _level("m", 16, 2, 190.0, 85.0),
             ]
         },
     }
 
 
-def test_model_summary_compares_served_with_in_process():
+def test_model_summary_compares_served_with_in_process_repeat_by_repeat():
     (row,) = report.model_summary(_results())
     assert row["runtime_p50_ms"] == 5.0
     assert row["achieved_gflops"] == pytest.approx(0.2 / 0.005)
     assert row["ms_per_gflop"] == pytest.approx(25.0)
-    # The best in-process arrangement is the yardstick.
-    assert row["inprocess_requests_per_s"] == 250.0 and row["inprocess_arrangement"].startswith("session-per")
+    # The best in-process arrangement (by its median) is the yardstick.
+    assert row["inprocess_requests_per_s"] == 250.0
+    assert row["inprocess_arrangement"] == "session-per-worker, 2 workers"
     assert row["served_requests_per_s"] == 190.0  # median of the three repeats at the highest concurrency
-    assert row["served_over_inprocess"] == pytest.approx(190 / 250)
-    assert row["served_p50_ms"] == 9.5 and row["served_p50_minus_inprocess_ms"] == pytest.approx(1.5)
+    # Paired by repeat: 200/250, 180/240, 190/260.
+    ratio = row["served_over_inprocess"]
+    assert ratio["median"] == pytest.approx(0.75) and ratio["n"] == 3
+    assert (ratio["low"], ratio["high"]) == (pytest.approx(190 / 260), pytest.approx(0.8))
+    # 9.0 - 8.0, 10.0 - 8.5, 9.5 - 7.5.
+    difference = row["served_p50_minus_inprocess_ms"]
+    assert (difference["median"], difference["low"], difference["high"]) == (1.5, 1.0, 2.0)
+    assert row["served_p50_ms"] == 9.5 and row["inprocess_p50_ms"] == 8.0
     assert (row["served_concurrency_low"], row["served_concurrency_high"]) == (1, 16)
 
 
@@ -133,10 +150,14 @@ def test_report_markdown_and_chart(tmp_path):
     results = _results() | {"machine": {"cpu": "test cpu", "cores": 2}, "config": {"repeats": 3}}
     report_path, chart_path = report.write(tmp_path, results)
     text = report_path.read_text()
-    assert (
-        "| m | 200.0 | 2.00 | 5.0 | 5.00 | 40.0 | 25.0 | 9.50 | 8.00 | 1.50 | 190.0 | 250.0 | 76% |" in text
+    summary = (
+        "| m | 200.0 | 2.00 | 5.0 | 5.00 | 40.0 | 25.0 | 9.50 | 8.00 | 1.50 (1.00-2.00) | 190.0 | 250.0 |"
     )
+    assert summary + " 75% (73-80%) |" in text
     assert "| m | 16 | 190.0 (180.0-200.0) |" in text
+    assert (
+        "| m | 8.00 (7.50-8.50) | 9.00 (9.00-9.00) | session-per-worker | 2 | 250.0 (240.0-260.0) |" in text
+    )
     with Image.open(chart_path) as chart:
         assert chart.format == "PNG" and chart.width > 600
 
@@ -179,7 +200,7 @@ def test_quick_bench_writes_report_chart_tables_and_load_files(built_repository,
         assert (out / name).is_file(), name
     results = json.loads((out / "results.json").read_text())
     (row,) = results["summary"]
-    assert row["model"] == MODEL and row["served_over_inprocess"] > 0 and row["served_p50_ms"] > 0
+    assert row["model"] == MODEL and row["served_over_inprocess"]["median"] > 0 and row["served_p50_ms"] > 0
     assert {level["level"] for level in results["served"]["levels"]} == {1, 4}
     assert len(results["guideline1"]) == 4 and len(results["decomposition"]) == 2
     text = (out / "report.md").read_text()
