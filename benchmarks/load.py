@@ -568,8 +568,13 @@ def _server_histogram_summary(
     histogram = after.request_delta(model, before)
     if histogram is None or histogram.count <= 0:
         return None
-    summary: dict[str, object] = {"count": histogram.count, "bounds_s": list(histogram.bounds)}
-    summary["cumulative_counts"] = list(histogram.counts)
+    # Bucket bounds as Prometheus writes them ("+Inf", not a float): the JSON stays standard.
+    bounds = ["+Inf" if math.isinf(b) else f"{b:g}" for b in histogram.bounds]
+    summary: dict[str, object] = {
+        "count": histogram.count,
+        "le": bounds,
+        "cumulative_counts": list(histogram.counts),
+    }
     for q in (0.5, 0.99):
         name = f"p{round(q * 100)}"
         bucket = histogram.bucket(q)
@@ -656,6 +661,8 @@ async def run_level(
             ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await ticker
+            if progress is not None:  # the bar's last state: complete, which also clears the line
+                progress(f"{model} {level}", config.duration_s, window.sent, config.duration_s)
         # Every measured request has been answered, so the server has recorded all of them, and only them.
         after = await scrape(config.url) if config.read_metrics else None
     finally:

@@ -153,9 +153,12 @@ def test_the_cli_sweeps_every_ready_model_and_writes_json_and_csv(server, tmp_pa
     assert code == 0
     printed = capsys.readouterr().out
     assert "load generator CPU" in printed and "p99" in printed
-    data = json.loads((out / "load.json").read_text())
+    # Standard JSON (no Infinity or NaN), so any tool reads it.
+    data = json.loads((out / "load.json").read_text(), parse_constant=lambda name: pytest.fail(name))
     assert [(r["model"], r["level"]) for r in data["results"]] == [(MODEL, 1), (MODEL, 2)]
     assert data["client_cpu_s"] > 0
+    histogram = data["results"][0]["server_histogram"]
+    assert histogram["le"][-1] == "+Inf" and len(histogram["le"]) == len(histogram["cumulative_counts"])
     rows = list(csv.DictReader((out / "load.csv").open()))
     assert [row["level"] for row in rows] == ["1", "2"]
     assert all(float(row["requests_per_s"]) > 0 and row["errors"] == "0" for row in rows)
