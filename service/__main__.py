@@ -17,6 +17,7 @@ import uvicorn
 
 from service.app import create_app
 from service.config import ConfigError, load_settings
+from service.http_protocol import with_header_deadline
 from service.logs import configure_logging
 
 log = logging.getLogger("service")
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http="httptools",
+        http=with_header_deadline(settings.header_timeout_s),  # httptools, with a deadline on headers
         lifespan="on",
         workers=1,
         log_config=None,  # logging is configured above, in the service's format

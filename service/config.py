@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     # The whole body must arrive within this many seconds of the request's headers (slow clients and
     # slow-loris trickles get 408 and the connection closed); 20 MiB in 60 s is ~2.8 Mbit/s.
     body_read_timeout_s: float = Field(60.0, gt=0)
+    # A request's headers must arrive within this many seconds of the connection opening (or of the
+    # request's first byte on a kept-alive connection): idle and slow-loris connections get 408.
+    header_timeout_s: float = Field(10.0, gt=0)
     max_image_pixels: int = Field(40_000_000, ge=1)
 
     # --- ONNX Runtime and thread pools ---------------------------------------------------------

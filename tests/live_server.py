@@ -157,6 +157,7 @@ _SERVICE_VARIABLES = frozenset(
         "REQUEST_TIMEOUT_S",
         "MAX_BODY_BYTES",
         "BODY_READ_TIMEOUT_S",
+        "HEADER_TIMEOUT_S",
         "MAX_IMAGE_PIXELS",
         "INTRA_OP_THREADS",
         "INTER_OP_THREADS",

@@ -238,3 +238,40 @@ def test_sigterm_under_overload_answers_everything_accepted_and_exits_within_the
     assert lost == [], (lost, service.output()[-2000:])
     assert set(statuses) <= {200, 429} and statuses.count(200) >= 8 and 429 in statuses, statuses
     assert code == 0 and exited_after_s <= grace_s + 2, (code, exited_after_s)
+
+
+def test_idle_and_slow_header_connections_get_408_and_are_closed(fake_repo, tmp_path):
+    service = ServiceProcess(
+        {"MODEL_REPOSITORY": str(fake_repo), "BACKEND": "onnxruntime-cpu", "HEADER_TIMEOUT_S": "1"},
+        tmp_path / "service.log",
+    )
+    try:
+        wait_ready(service.url, timeout_s=60)
+        idle = socket.create_connection(("127.0.0.1", service.port), timeout=10)
+        trickle = socket.create_connection(("127.0.0.1", service.port), timeout=10)
+        kept_alive = socket.create_connection(("127.0.0.1", service.port), timeout=10)
+        # A first request on kept_alive is answered; its second request then trickles its headers.
+        kept_alive.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        first = b""
+        while not first.endswith(b'{"status":"ok"}'):
+            first += kept_alive.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200")
+        started = time.monotonic()
+        header = b"POST /classify?model=mobilenet_v2 HTTP/1.1\r\nHost: t\r\nX-Slow: "
+        for i in range(30):  # one byte every 0.1 s, for up to 3 s
+            for sock in (trickle, kept_alive):
+                with contextlib.suppress(OSError):
+                    sock.sendall(header[i : i + 1] if i < len(header) else b"a")
+            time.sleep(0.1)
+            if i == 10:
+                assert post_good(service.url).status_code == 200  # everyone else is served meanwhile
+        for name, sock in (("idle", idle), ("trickle", trickle), ("kept-alive", kept_alive)):
+            answer = sock.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 408"), (name, answer[:200])
+            assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "header_timeout"
+            assert sock_closed(sock), name
+            sock.close()
+        assert time.monotonic() - started < 6
+        assert post_good(service.url).status_code == 200
+    finally:
+        service.stop()

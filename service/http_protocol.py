@@ -1,0 +1,68 @@
+"""uvicorn's httptools protocol with a deadline on each request's headers.
+
+uvicorn closes a kept-alive connection that stays idle after a response (``timeout_keep_alive``),
+but not one that never sends a request, nor one that sends its headers a byte at a time (a
+slow-loris client): each holds a socket and a file descriptor for as long as it likes, and enough
+of them lock everyone else out. Here the complete headers of every request must arrive within
+``HEADER_TIMEOUT_S`` of the connection opening, or of the request's first byte on a kept-alive
+connection; past that the client gets 408 and the connection is closed. (The body has its own
+deadline, ``BODY_READ_TIMEOUT_S``, enforced by the app: service/http_input.py.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+_BODY = json.dumps(
+    {"error": {"code": "header_timeout", "message": "the request headers did not arrive in time"}}
+).encode()
+_TIMEOUT_RESPONSE = (
+    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+    b"content-length: %d\r\n\r\n%s" % (len(_BODY), _BODY)
+)
+
+
+class HeaderDeadlineProtocol(HttpToolsProtocol):
+    """One connection; ``header_timeout_s`` is set by :func:`with_header_deadline`."""
+
+    header_timeout_s: float = 10.0
+    _header_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._header_deadline is None:  # a further request on a kept-alive connection
+            self._arm()
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        self._header_deadline = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
+
+    def _disarm(self) -> None:
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+            self._header_deadline = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_deadline = None
+        if not self.transport.is_closing():
+            self.transport.write(_TIMEOUT_RESPONSE)
+            self.transport.close()
+
+
+def with_header_deadline(timeout_s: float) -> type[HeaderDeadlineProtocol]:
+    """The protocol class to hand uvicorn (``Config(http=...)``), with this header deadline."""
+    return type("HeaderDeadlineProtocol", (HeaderDeadlineProtocol,), {"header_timeout_s": timeout_s})
