@@ -8,13 +8,14 @@ WEIGHTS ?= auto
 HOST   ?= 0.0.0.0
 PORT   ?= 8000
 
-.PHONY: help venv install models run test test-tools test-image lint format clean gpu-install gpu-selftest
+.PHONY: help venv install models run test test-tools test-image soak lint format clean gpu-install gpu-selftest
 
 help:
 	@echo "make run    - create .venv, install, build the model repository, serve on :$(PORT)"
 	@echo "make test   - create .venv, install, run ruff and the whole test suite"
 	@echo "make bench  - in-process and served speed of every model, report under benchmarks/results/"
 	@echo "make models - (re)build the model repository only (WEIGHTS=auto|imagenet|random|PATH)"
+	@echo "make soak   - a real server under steady mixed load for SOAK_S seconds (default 600): errors, p99, memory"
 	@echo "make gpu-install  - NVIDIA GPU: swap onnxruntime for onnxruntime-gpu, add TensorRT and cuda-python"
 	@echo "make gpu-selftest - NVIDIA GPU / Jetson: build engines, check every GPU backend, benchmark"
 
@@ -56,6 +57,13 @@ test: test-tools
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest -q
 	$(PY) deploy/image_test.py
+
+# A real server under a steady mix of models and of good and bad input; fails on an unexpected 5xx, a
+# lost request or memory growth over the bound (tests/soak.py). SOAK_S=60 for a short run.
+SOAK_S    ?= 600
+SOAK_RATE ?= 20
+soak: $(VENV)/.installed
+	$(PY) -m tests.soak --duration $(SOAK_S) --rate $(SOAK_RATE)
 
 # Builds the runtime image with a local Docker engine, classifies through it, stops it.
 test-image: $(VENV)/.installed
