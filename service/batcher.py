@@ -192,7 +192,10 @@ class Batcher:
         if self._closed or self._worker is None:
             raise ModelUnavailable(f"{self.model} is not accepting requests (shutting down)")
         depth = self.depth
-        if depth >= self.max_queue_size:
+        # Requests that an idle batch slot is about to take are not waiting: two requests admitted at
+        # once into an empty model must not find its one-place queue full before the worker runs.
+        idle_slots = self.max_concurrent_batches - len(self._running)
+        if depth >= self.max_queue_size + idle_slots * self.max_batch_size:
             retry_after = self._retry_after_s(depth)
             raise Overloaded(
                 f"{self.model}'s queue is full ({depth} waiting); retry in about {retry_after} s",

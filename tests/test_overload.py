@@ -21,6 +21,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from benchmarks.photos import encode, make_photo, photo_jpeg
@@ -263,3 +264,21 @@ def test_admission_counts_requests_from_arrival_to_answer():
             pass
 
     asyncio.run(scenario())
+
+
+def test_requests_admitted_together_are_not_refused_by_the_queue_before_the_worker_runs():
+    """Admission holds queue + running places; the queue check must agree with it. Two requests
+    submitted in one loop turn into an idle one-place model used to find the queue full (429)."""
+    runtime = FakeRuntime()
+
+    async def scenario() -> list:
+        batcher = Batcher("m", runtime, max_batch_size=1, max_queue_delay_ms=0, max_queue_size=1)
+        batcher.start()
+        await asyncio.sleep(0)  # the worker waits for its first request
+        one = np.full((3, 2, 2), 1, np.float32)
+        results = await asyncio.gather(batcher.submit(one), batcher.submit(one), return_exceptions=True)
+        await batcher.stop(1)
+        return results
+
+    results = asyncio.run(scenario())
+    assert not any(isinstance(r, Exception) for r in results), results
