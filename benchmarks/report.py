@@ -443,20 +443,31 @@ def chart(results: dict, path: Path) -> Path:
         (axes[0], "flops", "MFLOPs (multiply-adds per image)"),
         (axes[1], "memory_access_cost", "memory access cost (M elements per image)"),
     ):
+        served_label = f"served p50 (c={rows[0]['served_concurrency_low']:g})" if rows else "served"
         for series, marker, name in (
             ("runtime_p50_ms", "o", "runtime alone (batch 1, 1 thread)"),
-            (
-                "served_p50_ms",
-                "s",
-                f"served p50 (c={rows[0]['served_concurrency_low']:g})" if rows else "served",
-            ),
+            ("served_p50_ms", "s", served_label),
         ):
-            points = [(r[key] / 1e6, r[series], r["model"]) for r in rows if r[series] is not None]
+            points = [r for r in rows if r[series] is not None]
             if not points:
                 continue
-            axis.scatter([p[0] for p in points], [p[1] for p in points], marker=marker, label=name)
-            for x, y, model in points:
-                axis.annotate(model, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+            xs = [r[key] / 1e6 for r in points]
+            ys = [r[series] for r in points]
+            # Error bars: the range over the repeats.
+            ranges = [
+                r[series.replace("_ms", "_range_ms")] or (y, y) for r, y in zip(points, ys, strict=True)
+            ]
+            below = [y - low for y, (low, _) in zip(ys, ranges, strict=True)]
+            above = [high - y for y, (_, high) in zip(ys, ranges, strict=True)]
+            axis.errorbar(xs, ys, yerr=[below, above], fmt=marker, capsize=3, label=name)
+            # Of points close together along x, the highest is labelled above and the others below.
+            near = 0.12 * max(xs)
+            for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
+                highest = all(ys[j] <= y for j in range(len(xs)) if abs(xs[j] - x) < near)
+                offset = (5, 4) if highest else (5, -11)
+                axis.annotate(
+                    points[i]["model"], (x, y), textcoords="offset points", xytext=offset, fontsize=8
+                )
         axis.set_xlabel(label)
         axis.set_ylabel("latency (ms)")
         axis.set_ylim(bottom=0)
