@@ -252,8 +252,11 @@ def _resize_and_crop(
     # torchvision's CenterCrop offsets (round half to even, as Python's round()).
     left = round((target[0] - spec.crop) / 2.0)
     top = round((target[1] - spec.crop) / 2.0)
-    # Cropped in numpy: Image.crop() would run Pillow's global decompression-bomb check again.
-    return np.asarray(img)[top : top + spec.crop, left : left + spec.crop]
+    # Cropped on the core image. Image.crop() would run Pillow's global decompression-bomb check
+    # again; cropping in numpy would first copy the whole resized image out in 64 KB pieces (a 1 x 20000
+    # strip resized to 36 x 720000: 100 MB through a decode thread's heap, which glibc then kept:
+    # +64 MiB resident per decode thread, tests/test_hostile_input.py).
+    return np.asarray(img._new(img.im.crop((left, top, left + spec.crop, top + spec.crop))))
 
 
 @functools.lru_cache(maxsize=32)
