@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import random
 import subprocess
 import sys
@@ -99,8 +100,11 @@ async def run(
     started = time.monotonic()
     windows: list[Window] = []
 
+    last_window = max(0, math.ceil(duration_s / window_s) - 1)
+
     def window() -> Window:
-        index = int((time.monotonic() - started) // window_s)
+        # An answer that lands after the end belongs to the last window.
+        index = min(last_window, int((time.monotonic() - started) // window_s))
         while len(windows) <= index:
             windows.append(Window(len(windows) * window_s))
         return windows[index]
