@@ -114,6 +114,8 @@ WORKDIR /app
 COPY models/ /app/models/
 COPY service/ /app/service/
 COPY build_engines.py /app/
+# benchmarks/: the generated calibration photos (int8 builds) and `python -m benchmarks.gpu_selftest`.
+COPY benchmarks/ /app/benchmarks/
 COPY deploy/entrypoint.sh /app/deploy/entrypoint.sh
 COPY --from=export /export/model_repository/ /app/model_repository/
 RUN groupadd --system --gid 10001 classifier \
@@ -157,6 +159,8 @@ WORKDIR /app
 COPY models/ /app/models/
 COPY service/ /app/service/
 COPY build_engines.py /app/
+# benchmarks/: the generated calibration photos (int8 builds) and `python -m benchmarks.gpu_selftest`.
+COPY benchmarks/ /app/benchmarks/
 COPY deploy/entrypoint.sh /app/deploy/entrypoint.sh
 COPY --from=export /export/model_repository/ /app/model_repository/
 RUN groupadd --system --gid 10001 classifier \
