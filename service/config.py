@@ -8,6 +8,7 @@ Every variable is documented in the README with its default.
 from __future__ import annotations
 
 import os
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -16,6 +17,7 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Backend = Literal["auto", "tensorrt", "onnxruntime-tensorrt", "onnxruntime-cuda", "onnxruntime-cpu"]
+BACKENDS: tuple[str, ...] = typing.get_args(Backend)
 
 GPU_BACKENDS = frozenset({"tensorrt", "onnxruntime-tensorrt", "onnxruntime-cuda"})
 
@@ -69,7 +71,9 @@ class Settings(BaseSettings):
     model_repository: Path = Path("model_repository")
     # Comma-separated; None means every model directory found in the repository.
     models: Annotated[tuple[str, ...] | None, NoDecode] = None
-    backend: Backend = "auto"
+    # One backend for every model (``auto``), or a default plus per-model overrides:
+    # ``auto,mobilenet_v2=tensorrt``. Normalised to ``default[,name=backend...]``; see backend_for().
+    backend: str = "auto"
 
     # --- dynamic batching and admission ----------------------------------------------------
     # Unset: the backend's default (CPU_BATCHING / GPU_BATCHING above).
@@ -112,10 +116,31 @@ class Settings(BaseSettings):
             return names or None
         return value
 
+    @field_validator("backend", mode="before")
+    @classmethod
+    def _parse_backend(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        default, overrides = parse_backend(value)
+        return ",".join([default, *(f"{name}={backend}" for name, backend in overrides.items())])
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
+
+    @property
+    def default_backend(self) -> str:
+        return parse_backend(self.backend)[0]
+
+    @property
+    def backend_overrides(self) -> dict[str, str]:
+        return parse_backend(self.backend)[1]
+
+    def backend_for(self, model: str) -> str:
+        """The backend asked for ``model`` (as clients spell it, e.g. ``mobilenet_v2:int8``)."""
+        default, overrides = parse_backend(self.backend)
+        return overrides.get(model, default)
 
     @property
     def decode_workers(self) -> int:
@@ -134,6 +159,38 @@ class Settings(BaseSettings):
             max_concurrent_batches=int(pick(self.max_concurrent_batches, default.max_concurrent_batches))
             or cpu_count(),
         )
+
+
+def parse_backend(value: str) -> tuple[str, dict[str, str]]:
+    """``"auto,mobilenet_v2=tensorrt"`` -> ``("auto", {"mobilenet_v2": "tensorrt"})``.
+
+    Entries are comma-separated: at most one bare backend (the default for every model not named;
+    ``auto`` if there is none) and any number of ``model=backend`` overrides, each model at most once.
+    A bad entry raises ValueError naming it.
+    """
+    default: str | None = None
+    overrides: dict[str, str] = {}
+    choices = ", ".join(BACKENDS)
+    for raw in value.split(","):
+        entry = raw.strip()
+        if not entry:
+            continue
+        name, sep, backend = (part.strip() for part in entry.partition("="))
+        if not sep:
+            name, backend = "", name
+        if backend not in BACKENDS:
+            raise ValueError(f"bad entry {entry!r}: {backend!r} is not one of {choices}")
+        if not sep:
+            if default is not None:
+                raise ValueError(f"bad entry {entry!r}: a second default backend (the first was {default!r})")
+            default = backend
+        elif not name:
+            raise ValueError(f"bad entry {entry!r}: no model name before '='")
+        elif name in overrides:
+            raise ValueError(f"bad entry {entry!r}: {name} is given a backend twice")
+        else:
+            overrides[name] = backend
+    return default or "auto", overrides
 
 
 def cpu_count() -> int:

@@ -108,6 +108,13 @@ class ModelRepository:
                 )
                 continue
             self.models[name] = ServedModel(name, settings.model_repository / base, precision)
+        unused = [name for name in settings.backend_overrides if name not in self.models]
+        if unused:
+            log.warning(
+                "BACKEND names models that are not served: %s (served: %s)",
+                ", ".join(unused),
+                ", ".join(self.models) or "none",
+            )
 
     # --- lookup ---------------------------------------------------------------------------------
     def get(self, name: str | None) -> ServedModel:
@@ -173,16 +180,17 @@ class ModelRepository:
             execution_mode=settings.execution_mode,
             max_batch_size=settings.max_batch_size,
         )
+        backend = settings.backend_for(model.name)
         try:
             runtime = self._loader(
                 model.directory,
                 manifest,
-                backend=settings.backend,
+                backend=backend,
                 precision=model.precision,
                 options=options,
             )
         except BackendUnavailable as exc:
-            raise ModelLoadFailed(ModelStatus.UNAVAILABLE, f"backend {settings.backend}: {exc}") from exc
+            raise ModelLoadFailed(ModelStatus.UNAVAILABLE, f"backend {backend}: {exc}") from exc
         except RuntimeLoadError as exc:
             raise ModelLoadFailed(ModelStatus.FAILED, str(exc)) from exc
         if settings.warmup:

@@ -48,7 +48,12 @@ def test_an_empty_models_variable_means_discover(monkeypatch):
 
 @pytest.mark.parametrize(
     ("variable", "value"),
-    [("MAX_BATCH_SIZE", "0"), ("MAX_BATCH_SIZE", "lots"), ("BACKEND", "cuda"), ("EXECUTION_MODE", "fast")],
+    [
+        ("MAX_BATCH_SIZE", "0"),
+        ("MAX_BATCH_SIZE", "lots"),
+        ("BACKEND", "cuda"),
+        ("EXECUTION_MODE", "fast"),
+    ],
 )
 def test_a_bad_value_names_its_variable(monkeypatch, variable, value):
     monkeypatch.setenv(variable, value)
@@ -60,3 +65,35 @@ def test_overrides_beat_the_environment(monkeypatch):
     monkeypatch.setenv("PORT", "9000")
     assert load_settings(port=8123).port == 8123
     assert Settings(port=1).port == 1
+
+
+def test_backend_is_one_value_or_a_default_with_per_model_overrides(monkeypatch):
+    monkeypatch.setenv("BACKEND", " onnxruntime-cpu , mobilenet_v2=tensorrt,shufflenet_v2:int8 = auto ")
+    settings = load_settings()
+    assert settings.backend == "onnxruntime-cpu,mobilenet_v2=tensorrt,shufflenet_v2:int8=auto"
+    assert settings.default_backend == "onnxruntime-cpu"
+    assert settings.backend_overrides == {"mobilenet_v2": "tensorrt", "shufflenet_v2:int8": "auto"}
+    assert settings.backend_for("mobilenet_v2") == "tensorrt"
+    assert settings.backend_for("shufflenet_v2:int8") == "auto"
+    assert settings.backend_for("shufflenet_v2") == "onnxruntime-cpu"
+    # Overrides alone: the rest take auto.
+    only = load_settings(backend="mobilenet_v2=onnxruntime-cuda")
+    assert only.backend_for("mobilenet_v1") == "auto"
+    assert only.backend_for("mobilenet_v2") == "onnxruntime-cuda"
+    assert load_settings(backend="tensorrt").backend_for("anything") == "tensorrt"
+
+
+@pytest.mark.parametrize(
+    ("value", "entry"),
+    [
+        ("auto,mobilenet_v2=cuda", "mobilenet_v2=cuda"),
+        ("auto,tensorrt", "tensorrt"),
+        ("=tensorrt", "=tensorrt"),
+        ("auto,mobilenet_v2=tensorrt,mobilenet_v2=auto", "mobilenet_v2=auto"),
+    ],
+)
+def test_a_bad_backend_entry_is_named(monkeypatch, value, entry):
+    monkeypatch.setenv("BACKEND", value)
+    with pytest.raises(ConfigError, match="BACKEND") as caught:
+        load_settings()
+    assert f"bad entry {entry!r}" in str(caught.value)

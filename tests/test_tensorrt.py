@@ -235,6 +235,41 @@ def test_backend_tensorrt_reports_every_model_unavailable_and_the_server_stays_u
         assert listed["mobilenet_v2"]["backend"] == expected
 
 
+@pytest.mark.skipif(HAVE_TENSORRT, reason="TensorRT is installed here")
+def test_a_per_model_tensorrt_override_makes_that_model_unavailable_and_the_others_serve(fake_repo):
+    """BACKEND=onnxruntime-cpu,mobilenet_v2=tensorrt: mobilenet_v2 is unavailable, with the reason,
+    everywhere a user looks; shufflenet_v2 serves on the CPU."""
+    from benchmarks.photos import photo_jpeg
+
+    settings = serving_settings(fake_repo, backend="onnxruntime-cpu, mobilenet_v2=tensorrt")
+    assert settings.backend_for("mobilenet_v2") == "tensorrt"
+    assert settings.backend_for("shufflenet_v2") == "onnxruntime-cpu"
+    with serving(create_app(settings)) as client:
+        listed = {m["name"]: m for m in client.get("/models").json()["models"]}
+        assert listed["mobilenet_v2"]["status"] == "unavailable"
+        assert "backend tensorrt" in listed["mobilenet_v2"]["reason"]
+        assert "tensorrt Python package is not installed" in listed["mobilenet_v2"]["reason"]
+        assert (listed["shufflenet_v2"]["status"], listed["shufflenet_v2"]["backend"]) == (
+            "ready",
+            "onnxruntime-cpu",
+        )
+        readyz = client.get("/readyz")
+        assert readyz.status_code == 503
+        assert "mobilenet_v2 (unavailable)" in readyz.json()["error"]["message"]
+        assert readyz.json()["models"]["mobilenet_v2"]["reason"] == listed["mobilenet_v2"]["reason"]
+        jpeg = photo_jpeg(64, 48, seed=3)
+        headers = {"Content-Type": "image/jpeg"}
+        error = assert_error(
+            client.post("/classify", params={"model": "mobilenet_v2"}, content=jpeg, headers=headers),
+            503,
+            "model_unavailable",
+        )
+        assert "tensorrt" in error["message"]
+        served = client.post("/classify", params={"model": "shufflenet_v2"}, content=jpeg, headers=headers)
+        assert served.status_code == 200, served.text
+        assert served.json()["backend"] == "onnxruntime-cpu"
+
+
 def test_build_target_checks_name_what_is_missing(monkeypatch):
     import build_engines
 
