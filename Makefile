@@ -37,6 +37,7 @@ run: models
 # ShuffleNet v2 experiments; report, chart and JSON in benchmarks/results/<timestamp>/ (~8 min on 2 cores).
 .PHONY: bench
 bench: models
+	$(PY) build_engines.py --models $(MODELS) --weights $(WEIGHTS) --out $(REPO) --precision fp16 int8
 	$(PY) -m benchmarks.bench --repository $(REPO) --models $(MODELS)
 
 lint: $(VENV)/.installed

@@ -36,13 +36,13 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 
 import onnxruntime
 
-from benchmarks import inprocess, load, report
+from benchmarks import inprocess, load, precision_speed, report
 from benchmarks.experiments import decomposition, guideline1
 from service.config import cpu_count
 from service.manifest import Manifest
@@ -71,6 +71,7 @@ class Plan:
     guideline_duration_s: float = 0.7
     guideline_widths: tuple[int, ...] = guideline1.WIDTHS
     decomposition_runs: int = 30
+    precision_runs: int = 50
     experiments: bool = True
 
     @classmethod
@@ -90,6 +91,7 @@ class Plan:
             guideline_duration_s=0.05,
             guideline_widths=(1,),
             decomposition_runs=3,
+            precision_runs=3,
         )
 
 
@@ -280,6 +282,16 @@ def run(repository: Path, models: list[str], plan: Plan, out_dir: Path, url: str
             repeats=plan.repeats,
         )
         results["runtime"] += [row.to_dict() for row in rows]
+
+    _say("reduced precision beside fp32, in-process (the builds recorded in each manifest)")
+    results["precisions"] = [
+        asdict(timing)
+        for model in models
+        if Manifest.load(repository / model).precisions
+        for timing in precision_speed.time_precisions(
+            repository, model, repeats=plan.precision_runs, rounds=plan.repeats, warmup=2
+        )
+    ]
 
     if plan.experiments:
         results["guideline1"] = [

@@ -204,7 +204,7 @@ def test_quick_bench_writes_report_chart_tables_and_load_files(built_repository,
     assert {level["level"] for level in results["served"]["levels"]} == {1, 4}
     assert len(results["guideline1"]) == 4 and len(results["decomposition"]) == 2
     text = (out / "report.md").read_text()
-    for heading in ("## Summary", "## (a)", "## (b)", "guideline 1", "operator kind"):
+    for heading in ("## Summary", "## (a)", "## (b)", "## Reduced precision", "guideline 1", "operator kind"):
         assert heading in text
 
 
@@ -219,3 +219,26 @@ def test_make_bench_runs_the_driver_on_the_built_repository():
     result = subprocess.run(["make", "-n", "bench"], cwd=REPO, capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     assert "build_engines.py" in result.stdout and "-m benchmarks.bench" in result.stdout
+
+
+def test_precision_table_shows_speedup_and_agreement_per_variant():
+    from benchmarks import report
+
+    row = {
+        "model": "mobilenet_v2",
+        "median_ms": 3.2,
+        "spread_ms": [3.1, 3.5],
+        "agreement": {"top1_agreement": 0.844, "max_abs_logit_diff": 0.16, "mean_abs_logit_diff": 0.02},
+    }
+    table = report.precision_table(
+        {
+            "precisions": [
+                {**row, "precision": "fp32", "median_ms": 7.2, "speedup": 1.0, "agreement": {}},
+                {**row, "precision": "int8", "speedup": 2.25},
+            ]
+        }
+    )
+    lines = table.splitlines()
+    assert "speed-up vs fp32" in lines[0]
+    assert "| mobilenet_v2 | int8 | 3.20 (3.10-3.50) | 2.25x | 84.4% | 0.160 |" in lines
+    assert "fp16/int8 builds" in report.precision_table({"precisions": []})
