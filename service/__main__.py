@@ -1,5 +1,9 @@
 """``python -m service [--host H] [--port P]``: serve with uvicorn (uvloop + httptools), one process.
 
+No reload, no debug: uvicorn's reloader is never on, and FastAPI's debug tracebacks never reach a client.
+METRICS_PORT moves ``/metrics`` to a second listener (prometheus_client's, in a thread) for internal
+scraping. Temporary files go to SCRATCH_DIR only: the rest of the filesystem may be read-only.
+
 SIGTERM (or Ctrl-C) starts a graceful shutdown: the listening socket closes, requests in flight
 get their answers (bounded by SHUTDOWN_GRACE_S), the batchers drain, and the process exits 0.
 """
@@ -10,10 +14,14 @@ import argparse
 import ctypes
 import ctypes.util
 import logging
+import os
 import signal
 import sys
+import tempfile
+from pathlib import Path
 
 import uvicorn
+from prometheus_client import start_http_server
 
 from service.app import create_app
 from service.config import ConfigError, load_settings
@@ -36,18 +44,32 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure_logging(settings.log_level, settings.log_format)
     release_large_blocks()
+    use_scratch_dir(settings.scratch_path)
     log.info(
         "starting",
+        # AUTH_TOKEN is a SecretStr: it dumps as asterisks.
         extra={"settings": settings.model_dump(mode="json")},
     )
+    app = create_app(settings)
+    metrics_server = None
+    if settings.metrics_port is not None:
+        try:
+            metrics_server, _ = start_http_server(
+                settings.metrics_port, settings.host, registry=app.state.metrics.registry
+            )
+        except OSError as exc:
+            log.error("cannot serve /metrics on %s:%d: %s", settings.host, settings.metrics_port, exc)
+            return 3
+        log.info("/metrics on %s:%d (not on port %d)", settings.host, settings.metrics_port, settings.port)
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         loop="uvloop",
         http=with_header_deadline(settings.header_timeout_s),  # httptools, with a deadline on headers
         lifespan="on",
         workers=1,
+        reload=False,  # never: a file watcher has no place in a served process
         log_config=None,  # logging is configured above, in the service's format
         access_log=False,  # the app logs each request itself, with its request id
         timeout_graceful_shutdown=settings.shutdown_grace_s,
@@ -58,10 +80,24 @@ def main(argv: list[str] | None = None) -> int:
     # one uvicorn restores) turns that into an ordinary exit.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: None)
-    server.run()
+    try:
+        server.run()
+    finally:
+        if metrics_server is not None:
+            metrics_server.shutdown()
+            metrics_server.server_close()
     if not server.started:
         return 3  # startup failed (port in use, lifespan error); uvicorn has logged why
     return 0
+
+
+def use_scratch_dir(path: Path) -> None:
+    """Send every temporary file of this process (Python's tempfile, and native libraries reading
+    TMPDIR) to ``path``: with a read-only root filesystem it is the one writable place."""
+    tempfile.tempdir = str(path)
+    os.environ["TMPDIR"] = str(path)
+    if not os.access(path, os.W_OK | os.X_OK):
+        log.warning("SCRATCH_DIR %s is not a writable directory; temporary files will fail", path)
 
 
 # glibc's mallopt() parameter for the size from which allocations get their own mapping.

@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.auth import BearerAuth
 from service.config import Settings
 from service.errors import InternalError, ServiceError, shown
 from service.fair_pool import FairPool
@@ -44,6 +45,7 @@ _HTTP_ERROR_CODES = {
     405: "method_not_allowed",
     400: "bad_request",
     413: "payload_too_large",
+    401: "unauthorized",
 }
 _QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # probes and scrapes: debug-level access logs
 _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
@@ -79,6 +81,11 @@ def create_app(settings: Settings, *, runtime_loader: RuntimeLoader = load_runti
     app = FastAPI(
         title="Efficient-CNN classifier",
         lifespan=lifespan,
+        # Swagger UI and ReDoc load their scripts from a CDN: off unless DOCS_ENABLED. The schema
+        # itself (/openapi.json) is always there, for clients and the API fuzz tests.
+        docs_url="/docs" if settings.docs_enabled else None,
+        redoc_url="/redoc" if settings.docs_enabled else None,
+        debug=False,
         # Prometheus is this service's telemetry; FastAPI's own OpenTelemetry hooks stay off.
         telemetry={"tracing": False, "metrics": False, "logs": False, "auto_configure": False},
     )
@@ -89,6 +96,10 @@ def create_app(settings: Settings, *, runtime_loader: RuntimeLoader = load_runti
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    token = settings.expected_token()
+    if token is not None:
+        # Inside RequestContext: a 401 still gets its request id, access log line and metrics.
+        app.add_middleware(BearerAuth, token=token)
     app.add_middleware(RequestContext, metrics=metrics)
     return app
 

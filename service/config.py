@@ -8,12 +8,14 @@ Every variable is documented in the README with its default.
 from __future__ import annotations
 
 import os
+import re
+import tempfile
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Backend = Literal["auto", "tensorrt", "onnxruntime-tensorrt", "onnxruntime-cuda", "onnxruntime-cpu"]
@@ -108,6 +110,19 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     shutdown_grace_s: float = Field(20.0, gt=0)
 
+    # --- security ------------------------------------------------------------------------------
+    # The one directory the server may write to (temporary files of the service and its libraries,
+    # via TMPDIR); None: the system's (TMPDIR, else /tmp). The rest of the filesystem may be read-only.
+    scratch_dir: Path | None = None
+    # /docs and /redoc (Swagger UI and ReDoc, which load their scripts from a CDN); /openapi.json is
+    # always served.
+    docs_enabled: bool = False
+    # Bearer token for every route but /, /healthz and /readyz; at most one of the two may be set.
+    auth_token: SecretStr | None = None
+    auth_token_file: Path | None = None
+    # Serve /metrics on this port only (on HOST), not on PORT; None: on PORT, like every other route.
+    metrics_port: int | None = Field(None, ge=1, le=65535)
+
     @field_validator("models", mode="before")
     @classmethod
     def _split_models(cls, value: object) -> object:
@@ -123,6 +138,32 @@ class Settings(BaseSettings):
             return value
         default, overrides = parse_backend(value)
         return ",".join([default, *(f"{name}={backend}" for name, backend in overrides.items())])
+
+    @field_validator("auth_token")
+    @classmethod
+    def _check_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            check_token(value.get_secret_value())
+        return value
+
+    @field_validator("auth_token_file")
+    @classmethod
+    def _check_token_file(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            try:
+                text = value.read_text(encoding="ascii")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ValueError(f"cannot read the token from {value}: {exc}") from None
+            check_token(text.strip())
+        return value
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> Settings:
+        if self.auth_token is not None and self.auth_token_file is not None:
+            raise ValueError("AUTH_TOKEN and AUTH_TOKEN_FILE are both set: set one")
+        if self.metrics_port is not None and self.metrics_port == self.port:
+            raise ValueError(f"METRICS_PORT is PORT ({self.port}): unset it, or pick another port")
+        return self
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -141,6 +182,20 @@ class Settings(BaseSettings):
         """The backend asked for ``model`` (as clients spell it, e.g. ``mobilenet_v2:int8``)."""
         default, overrides = parse_backend(self.backend)
         return overrides.get(model, default)
+
+    def expected_token(self) -> bytes | None:
+        """The bearer token clients must send (AUTH_TOKEN, or AUTH_TOKEN_FILE's content), or None."""
+        if self.auth_token is not None:
+            return self.auth_token.get_secret_value().encode("ascii")
+        if self.auth_token_file is not None:
+            token = self.auth_token_file.read_text(encoding="ascii").strip()
+            check_token(token)
+            return token.encode("ascii")
+        return None
+
+    @property
+    def scratch_path(self) -> Path:
+        return self.scratch_dir if self.scratch_dir is not None else Path(tempfile.gettempdir())
 
     @property
     def decode_workers(self) -> int:
@@ -193,6 +248,19 @@ def parse_backend(value: str) -> tuple[str, dict[str, str]]:
     return default or "auto", overrides
 
 
+# RFC 6750's b64token: what a client can send after "Bearer " without quoting.
+_TOKEN = re.compile(r"[A-Za-z0-9._~+/-]+=*")
+MIN_TOKEN_CHARS = 16
+
+
+def check_token(token: str) -> None:
+    """A bearer token must be sendable as is and not trivially guessable; the message never shows it."""
+    if not _TOKEN.fullmatch(token):
+        raise ValueError("the token may hold only letters, digits and -._~+/ (then = padding), no spaces")
+    if len(token) < MIN_TOKEN_CHARS:
+        raise ValueError(f"the token is {len(token)} characters; use at least {MIN_TOKEN_CHARS}")
+
+
 def cpu_count() -> int:
     """CPUs this process may run on (the affinity mask, which containers narrow), at least 1."""
     try:
@@ -208,6 +276,10 @@ def load_settings(**overrides: object) -> Settings:
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
-            variable = "_".join(str(part) for part in error["loc"][:1]).upper() or "?"
-            problems.append(f"{variable}: {error['msg']} (got {error.get('input')!r})")
+            variable = "_".join(str(part) for part in error["loc"][:1]).upper()
+            if not variable:  # a check across variables: its message names them
+                problems.append(error["msg"].removeprefix("Value error, "))
+                continue
+            given = "a secret" if variable == "AUTH_TOKEN" else repr(error.get("input"))
+            problems.append(f"{variable}: {error['msg']} (got {given})")
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None

@@ -107,6 +107,8 @@ CLASSIFY_REQUEST_BODY: dict[str, Any] = {
 
 _ERRORS = {
     400: "invalid_image: not decodable, truncated, empty, or a malformed multipart body",
+    401: "unauthorized: AUTH_TOKEN (or AUTH_TOKEN_FILE) is set and the request has no valid "
+    "'Authorization: Bearer <token>' header (with WWW-Authenticate: Bearer)",
     404: "unknown_model (the message lists the served models), or no such route",
     408: "body_timeout: the body did not arrive within BODY_READ_TIMEOUT_S; the connection closes",
     413: "payload_too_large (body over MAX_BODY_BYTES, or more files than the queue holds) or "

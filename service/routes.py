@@ -10,6 +10,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.errors import UnknownModel, shown
 from service.http_input import cancel_on_disconnect, read_uploads
@@ -34,7 +35,7 @@ router = APIRouter()
     openapi_extra=CLASSIFY_REQUEST_BODY,
     responses={
         200: {"model": Classification},
-        **error_responses(400, 404, 408, 413, 415, 422, 429, 500, 503, 504),
+        **error_responses(400, 401, 404, 408, 413, 415, 422, 429, 500, 503, 504),
     },
 )
 async def classify(
@@ -73,13 +74,13 @@ async def classify(
     return JSONResponse(body)
 
 
-@router.get("/models", responses={200: {"model": ModelList}})
+@router.get("/models", responses={200: {"model": ModelList}, **error_responses(401)})
 async def list_models(request: Request) -> JSONResponse:
     models = request.app.state.repository.models.values()
     return JSONResponse({"models": [describe(model, detail=False) for model in models]})
 
 
-@router.get("/models/{name}", responses={200: {"model": ModelEntry}, **error_responses(404)})
+@router.get("/models/{name}", responses={200: {"model": ModelEntry}, **error_responses(401, 404)})
 async def get_model(request: Request, name: str) -> JSONResponse:
     repository = request.app.state.repository
     model = repository.models.get(name)
@@ -118,6 +119,9 @@ async def readyz(request: Request) -> JSONResponse:
     responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus"}},
 )
 async def metrics(request: Request) -> Response:
+    if request.app.state.settings.metrics_port is not None:
+        # Served on METRICS_PORT only (service/__main__.py), for scrapers on the internal network.
+        raise StarletteHTTPException(404)
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 

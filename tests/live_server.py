@@ -111,7 +111,7 @@ class LiveServer:
 class ServiceProcess:
     """``python -m service`` on a free port with the given environment; output kept for asserts."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, *, wrapper: list[str] | None = None) -> None:
         sock = free_socket()
         self.port = sock.getsockname()[1]
         sock.close()  # the child binds it again: a small race, harmless on a test box
@@ -121,7 +121,17 @@ class ServiceProcess:
         child_env = {k: v for k, v in os.environ.items() if k not in _SERVICE_VARIABLES}
         child_env |= {"PYTHONUNBUFFERED": "1", **env}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(self.port)],
+            # ``wrapper`` (e.g. a mount namespace) must exec the command, so that the pid is the server's.
+            [
+                *(wrapper or []),
+                sys.executable,
+                "-m",
+                "service",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ],
             cwd=REPO,
             env=child_env,
             stdout=self._log,
@@ -169,5 +179,10 @@ _SERVICE_VARIABLES = frozenset(
         "HOST",
         "PORT",
         "SHUTDOWN_GRACE_S",
+        "SCRATCH_DIR",
+        "DOCS_ENABLED",
+        "AUTH_TOKEN",
+        "AUTH_TOKEN_FILE",
+        "METRICS_PORT",
     }
 )
