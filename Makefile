@@ -8,13 +8,14 @@ WEIGHTS ?= auto
 HOST   ?= 0.0.0.0
 PORT   ?= 8000
 
-.PHONY: help venv install models run test test-tools test-image soak lint format clean gpu-install gpu-selftest
+.PHONY: help venv install models run test test-tools test-image soak lint format clean gpu-install gpu-selftest audit
 
 help:
 	@echo "make run    - create .venv, install, build the model repository, serve on :$(PORT)"
 	@echo "make test   - create .venv, install, run ruff and the whole test suite"
 	@echo "make bench  - in-process and served speed of every model, report under benchmarks/results/"
 	@echo "make models - (re)build the model repository only (WEIGHTS=auto|imagenet|random|PATH)"
+	@echo "make audit  - pip-audit the runtime dependencies (known vulnerabilities; needs network access)"
 	@echo "make soak   - a real server under steady mixed load for SOAK_S seconds (default 600): errors, p99, memory"
 	@echo "make gpu-install  - NVIDIA GPU: swap onnxruntime for onnxruntime-gpu, add TensorRT and cuda-python"
 	@echo "make gpu-selftest - NVIDIA GPU / Jetson: build engines, check every GPU backend, benchmark"
@@ -58,6 +59,12 @@ test: test-tools
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest -q
 	$(PY) deploy/image_test.py
+	$(MAKE) audit
+
+# Known vulnerabilities in the runtime dependencies as installed (pip-audit --strict): a package that
+# cannot be checked - no network, a mirror without the vulnerability data - fails this step too.
+audit: $(VENV)/.installed
+	$(PY) deploy/audit.py
 
 # A real server under a steady mix of models and of good and bad input; fails on an unexpected 5xx, a
 # lost request or memory growth over the bound (tests/soak.py). SOAK_S=60 for a short run.
