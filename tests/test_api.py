@@ -358,6 +358,35 @@ def test_metrics_count_every_classify_response(fake_repo):
     assert 'classifier_decode_duration_seconds_count{model="mobilenet_v2"}' in text
 
 
+def test_counters_match_exactly_the_requests_sent_and_images_count_files(fake_repo):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    successes, failures, files_per_post = 3, 2, 4
+    app = create_app(serving_settings(fake_repo))
+    with serving(app) as client:
+        for _ in range(successes):
+            assert classify(client).status_code == 200
+        for _ in range(failures):
+            assert classify(client, b"junk").status_code == 400
+        files = [("file", (f"{i}.jpg", JPEG, "image/jpeg")) for i in range(files_per_post)]
+        multi = client.post("/classify", params={"model": "mobilenet_v2"}, files=files)
+        assert multi.status_code == 200 and len(multi.json()["results"]) == files_per_post
+        samples = {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(client.get("/metrics").text)
+            for sample in family.samples
+        }
+
+    def value(name: str, **labels: str) -> float:
+        return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    assert value("classifier_requests_total", model="mobilenet_v2", code="200") == successes + 1
+    assert value("classifier_requests_total", model="mobilenet_v2", code="400") == failures
+    assert value("classifier_images_total", model="mobilenet_v2") == successes + files_per_post
+    requests = successes + failures + 1
+    assert value("classifier_request_duration_seconds_count", model="mobilenet_v2") == requests
+
+
 def test_models_are_discovered_unless_named(tmp_path):
     root = make_repository(tmp_path / "repo", ("mobilenet_v2", "shufflenet_v2"))
     shutil.copytree(root / "mobilenet_v2", root / "mobilenet_v1")  # a manifest naming another model
