@@ -6,12 +6,14 @@ slowed-down runtime; ``ServiceProcess`` runs ``python -m service`` as its own pr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -152,6 +154,20 @@ class ServiceProcess:
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def ready_service(repository: Path, log_path: Path, **env: str) -> Iterator[ServiceProcess]:
+    """``python -m service`` on CPU over ``repository``, ready to answer; killed on exit."""
+    process = ServiceProcess(
+        {"MODEL_REPOSITORY": str(repository), "BACKEND": "onnxruntime-cpu", "LOG_LEVEL": "WARNING", **env},
+        log_path,
+    )
+    try:
+        wait_ready(process.url, timeout_s=60)
+        yield process
+    finally:
+        process.stop()
 
 
 # Variables the service reads: a developer's shell must not leak them into a test's server.

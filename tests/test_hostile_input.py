@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 from benchmarks.photos import photo_jpeg
 from service.app import create_app
 from tests.fake_repository import make_repository
-from tests.live_server import ServiceProcess, serving_settings, wait_ready
+from tests.live_server import ServiceProcess, ready_service, serving_settings
 from tests.workloads import MIB, Case, RawClient, Reply, hostile_cases, rss_bytes
 
 QUEUE_SIZE = 16
@@ -118,21 +118,13 @@ def test_models_routes_with_hostile_names(client):
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     root = make_repository(tmp_path_factory.mktemp("hostile-live") / "model_repository")
-    process = ServiceProcess(
-        {
-            "MODEL_REPOSITORY": str(root),
-            "BACKEND": "onnxruntime-cpu",
-            "MAX_QUEUE_SIZE": str(QUEUE_SIZE),
-            "DECODE_THREADS": "2",
-            "LOG_LEVEL": "WARNING",
-        },
+    with ready_service(
+        root,
         Path(tmp_path_factory.mktemp("hostile-log")) / "service.log",
-    )
-    try:
-        wait_ready(process.url, timeout_s=60)
+        MAX_QUEUE_SIZE=str(QUEUE_SIZE),
+        DECODE_THREADS="2",
+    ) as process:
         yield process
-    finally:
-        process.stop()
 
 
 async def corpus_round(port: int, connections: int = 4) -> list[tuple[Case, Reply]]:

@@ -29,7 +29,7 @@ from service.batcher import Batcher
 from service.errors import ModelUnavailable, Overloaded
 from service.fair_pool import FairPool
 from tests.fake_repository import FakeRuntime
-from tests.live_server import ServiceProcess, wait_ready
+from tests.live_server import ServiceProcess, ready_service
 from tests.workloads import MIB, RawClient, Reply, rss_bytes, write_heavy_model
 
 FLOODED, OTHER = "mobilenet_v2", "shufflenet_v2"
@@ -54,21 +54,13 @@ def service(tmp_path_factory):
     root = tmp_path_factory.mktemp("overload") / "model_repository"
     for seed, name in enumerate((FLOODED, OTHER)):
         write_heavy_model(root, name, seed=seed)
-    process = ServiceProcess(
-        {
-            "MODEL_REPOSITORY": str(root),
-            "BACKEND": "onnxruntime-cpu",
-            "MAX_QUEUE_SIZE": str(QUEUE_SIZE),
-            "DECODE_THREADS": "2",
-            "LOG_LEVEL": "WARNING",
-        },
+    with ready_service(
+        root,
         Path(tmp_path_factory.mktemp("overload-log")) / "service.log",
-    )
-    try:
-        wait_ready(process.url, timeout_s=60)
+        MAX_QUEUE_SIZE=str(QUEUE_SIZE),
+        DECODE_THREADS="2",
+    ) as process:
         yield process
-    finally:
-        process.stop()
 
 
 def classify_target(model: str) -> str:
