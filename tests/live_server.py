@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import uvicorn
+from fastapi.testclient import TestClient
 
 from service.config import Settings
 
@@ -46,6 +47,17 @@ def serving_settings(repository: Path, **overrides: object) -> Settings:
         "shutdown_grace_s": 10,
     }
     return Settings(**(values | overrides))
+
+
+@contextlib.contextmanager
+def serving(app) -> Iterator[TestClient]:
+    """A client whose app has started and whose models have all settled (ready or not)."""
+    with TestClient(app, raise_server_exceptions=False) as client:
+        deadline = time.monotonic() + 30
+        while any(m["status"] == "loading" for m in client.get("/readyz").json()["models"].values()):
+            assert time.monotonic() < deadline, "models did not settle"
+            time.sleep(0.02)
+        yield client
 
 
 def wait_ready(base_url: str, timeout_s: float = 60.0, *, allow_not_ready: bool = False) -> dict:

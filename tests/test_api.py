@@ -4,52 +4,21 @@ test_server.py against a real uvicorn."""
 
 from __future__ import annotations
 
-import contextlib
 import shutil
-import struct
-import time
-import zlib
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 
 from benchmarks.photos import encode, make_photo, photo_jpeg
 from models.zoo import imagenet_labels
 from service.app import create_app
 from service.runtimes import load_runtime
 from tests.fake_repository import FAKE_MODELS, FakeRuntime, corrupt, make_repository
-from tests.live_server import serving_settings
+from tests.live_server import serving, serving_settings
+from tests.workloads import png_declaring
 
 JPEG = photo_jpeg(500, 375, seed=1)
 PNG = encode(make_photo(320, 240, seed=2), "PNG")
-
-
-def png_declaring(width: int, height: int) -> bytes:
-    """A well-formed PNG header that declares ``width`` x ``height`` and carries almost no data."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + chunk(b"IEND", b"")
-    )
-
-
-@contextlib.contextmanager
-def serving(app) -> Iterator[TestClient]:
-    """A client whose app has started and whose models have all settled (ready or not)."""
-    with TestClient(app, raise_server_exceptions=False) as client:
-        deadline = time.monotonic() + 30
-        while any(m["status"] == "loading" for m in client.get("/readyz").json()["models"].values()):
-            assert time.monotonic() < deadline, "models did not settle"
-            time.sleep(0.02)
-        yield client
 
 
 @pytest.fixture(scope="module")

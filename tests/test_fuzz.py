@@ -14,12 +14,10 @@ import json
 import re
 import subprocess
 import sys
-import time
 from collections import Counter
 
 import pytest
 import schemathesis
-from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
@@ -29,7 +27,7 @@ from benchmarks.photos import encode, make_photo
 from service.app import create_app
 from tests.conftest import REPO
 from tests.fake_repository import make_repository
-from tests.live_server import LiveServer, serving_settings, wait_ready
+from tests.live_server import LiveServer, serving, serving_settings, wait_ready
 
 DECODE_RUNS = 30_000
 HTTP_EXAMPLES = 400
@@ -81,11 +79,8 @@ def test_atheris_finds_no_crash_in_the_decode_path():
 def client(tmp_path_factory):
     root = make_repository(tmp_path_factory.mktemp("fuzz") / "model_repository")
     app = create_app(serving_settings(root, max_queue_size=16, max_body_bytes=256 * 1024))
-    with TestClient(app, raise_server_exceptions=False) as client:
-        deadline = time.monotonic() + 30
-        while client.get("/readyz").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+    with serving(app) as client:
+        assert client.get("/readyz").status_code == 200
         yield client
 
 

@@ -12,16 +12,14 @@ import asyncio
 import json
 import socket
 import statistics
-import time
 from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
 
 from benchmarks.photos import photo_jpeg
 from service.app import create_app
 from tests.fake_repository import make_repository
-from tests.live_server import ServiceProcess, ready_service, serving_settings
+from tests.live_server import ServiceProcess, ready_service, serving, serving_settings
 from tests.workloads import MIB, Case, RawClient, Reply, hostile_cases, rss_bytes
 
 QUEUE_SIZE = 16
@@ -73,11 +71,8 @@ def test_the_corpus_is_big_and_covers_the_issue_list():
 def client(tmp_path_factory):
     root = make_repository(tmp_path_factory.mktemp("hostile") / "model_repository")
     app = create_app(serving_settings(root, max_queue_size=QUEUE_SIZE))
-    with TestClient(app, raise_server_exceptions=False) as client:
-        deadline = time.monotonic() + 30
-        while client.get("/readyz").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+    with serving(app) as client:
+        assert client.get("/readyz").status_code == 200
         yield client
 
 

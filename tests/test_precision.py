@@ -19,8 +19,8 @@ from service.app import create_app
 from service.manifest import Manifest, sha256_of
 from service.repository import discover
 from tests.fake_repository import make_repository
-from tests.live_server import serving_settings
-from tests.test_api import assert_error, serving
+from tests.live_server import serving, serving_settings
+from tests.test_api import assert_error
 
 REPO = Path(__file__).resolve().parents[1]
 FEW = {"calibration_count": 4, "held_out_count": 4}

@@ -19,8 +19,8 @@ from service import auth
 from service.app import create_app
 from service.config import ConfigError, load_settings
 from service.logs import JsonFormatter
-from tests.live_server import REPO, ServiceProcess, free_socket, serving_settings, wait_ready
-from tests.test_api import assert_error, serving
+from tests.live_server import REPO, ServiceProcess, free_socket, serving, serving_settings, wait_ready
+from tests.test_api import assert_error
 
 JPEG = photo_jpeg(160, 120, seed=7)
 TOKEN = "s3cr3t-token-0123456789abcdef"

@@ -24,8 +24,8 @@ from service.runtimes import BackendUnavailable, RuntimeLoadError, RuntimeOption
 from service.runtimes import ort as ort_backend
 from service.runtimes import tensorrt as trt_backend
 from tests.fake_repository import make_repository, write_model
-from tests.live_server import serving_settings
-from tests.test_api import assert_error, serving
+from tests.live_server import serving, serving_settings
+from tests.test_api import assert_error
 
 HAVE_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 needs_tensorrt = pytest.mark.skipif(not HAVE_TENSORRT, reason="TensorRT is not installed on this machine")
