@@ -24,17 +24,5 @@ fi
 apt_packages=""
 command -v chromium >/dev/null 2>&1 || apt_packages="$apt_packages chromium"
 [ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || apt_packages="$apt_packages fonts-dejavu-core"
-if [ -n "$apt_packages" ]; then
-    if ! command -v apt-get >/dev/null 2>&1; then
-        echo "install-chromium.sh: install$apt_packages with your package manager" >&2
-        exit 1
-    fi
-    SUDO=""
-    if [ "$(id -u)" -ne 0 ]; then
-        SUDO="sudo"
-    fi
-    echo "install-chromium.sh: apt-get install$apt_packages"
-    $SUDO apt-get update -qq
-    # shellcheck disable=SC2086  # one argument per package
-    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $apt_packages >/dev/null
-fi
+# shellcheck disable=SC2086  # one argument per package
+sh "$(dirname "$0")/../deploy/apt-install.sh" $apt_packages

@@ -30,6 +30,7 @@ from urllib.parse import urlparse
 
 from models import zoo
 from models.zoo import PublishedWeights, parse
+from service.manifest import sha256_of
 
 if TYPE_CHECKING:
     import torch
@@ -104,14 +105,6 @@ def cache_dir_for(cache_dir: str | os.PathLike | None = None) -> Path:
 # Download and verification
 
 
-def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _digest_matches(actual: str, expected: str) -> bool:
     # torchvision publishes only the first 8-10 hex digits (in the file name); a full digest must match fully.
     expected = expected.lower()
@@ -138,7 +131,7 @@ def _verify_cached(path: Path, pinned: str) -> str | None:
     """The digest of a usable cached file, or None (missing, or failed verification and removed)."""
     if not path.is_file():
         return None
-    actual = sha256_file(path)
+    actual = sha256_of(path)
     expected = _expected_digest(path, pinned)
     if expected is not None and _digest_matches(actual, expected):
         return actual
@@ -478,4 +471,4 @@ def resolve(
     if path.suffix not in LOCAL_SUFFIXES:
         raise WeightsError(f"--weights {weights!r}: expected a {'/'.join(LOCAL_SUFFIXES)} checkpoint file")
     state_dict = adapt_state_dict(name, load_file(path))
-    return state_dict, _provenance("file", path=str(path.resolve()), sha256=sha256_file(path))
+    return state_dict, _provenance("file", path=str(path.resolve()), sha256=sha256_of(path))
