@@ -37,23 +37,31 @@ class ExportError(RuntimeError):
 
 
 @contextlib.contextmanager
-def _quiet_exporter() -> Iterator[None]:
-    # The exporter logs a warning per torchvision op it cannot register (torchvision is not a dependency)
-    # and emits deprecation chatter from its dependencies; none of it concerns these models.
-    names = ("torch.onnx", "torch.export", "torch._export", "onnxscript", "onnx_ir")
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
+def quiet(logger_names: tuple[str, ...], *warning_categories: type[Warning]) -> Iterator[None]:
+    """Only errors from these loggers, and none of these warnings, while the block runs."""
+    loggers = [logging.getLogger(name) for name in logger_names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            warnings.simplefilter("ignore", DeprecationWarning)
-            warnings.simplefilter("ignore", UserWarning)
+            for category in warning_categories or (Warning,):
+                warnings.simplefilter("ignore", category)
             yield
     finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def _quiet_exporter() -> contextlib.AbstractContextManager[None]:
+    # The exporter logs a warning per torchvision op it cannot register (torchvision is not a dependency)
+    # and emits deprecation chatter from its dependencies; none of it concerns these models.
+    return quiet(
+        ("torch.onnx", "torch.export", "torch._export", "onnxscript", "onnx_ir"),
+        FutureWarning,
+        DeprecationWarning,
+        UserWarning,
+    )
 
 
 def export_onnx(

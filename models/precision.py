@@ -26,13 +26,13 @@ import contextlib
 import logging
 import os
 import tempfile
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from models.export import quiet
 from service.manifest import Manifest, OnnxFile, PrecisionVariant, PreprocessingSpec, sha256_of
 
 log = logging.getLogger(__name__)
@@ -175,22 +175,10 @@ def load_split(split: ImageSplit, spec: PreprocessingSpec) -> tuple[ImageSet, Im
 # Conversion
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def _quiet() -> contextlib.AbstractContextManager[None]:
     # The converters warn per node about things that do not concern these models (e.g. values clamped
     # to the float16 range, ops left in float32 on purpose); the checks below are what counts.
-    names = ("onnxconverter_common", "onnxruntime", "root")
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
+    return quiet(("onnxconverter_common", "onnxruntime", "root"))
 
 
 def convert_fp16(source: Path, dest: Path) -> Path:
