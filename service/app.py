@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import re
 import time
 import uuid
@@ -208,7 +209,14 @@ def _request_id(scope: Scope) -> str:
             if _CLIENT_REQUEST_ID.fullmatch(candidate):
                 return candidate
             break
-    return uuid.uuid4().hex
+    return new_request_id()
+
+
+def new_request_id() -> str:
+    """32 random hex digits, like a uuid4's, from Python's generator: uuid4() reads os.urandom, a
+    system call that gives up the GIL on the event loop (and waits to get it back) for every
+    request. An id has to be unique, not unguessable."""
+    return f"{random.getrandbits(128):032x}"
 
 
 def _query_model(scope: Scope) -> str | None:

@@ -12,7 +12,12 @@ Requests whose caller has gone or whose deadline has passed are dropped before t
 them. The runtime runs in a thread pool, never on the event loop; up to ``max_concurrent_batches``
 batches run at once. One failing batch fails its own requests only.
 
-The batcher knows nothing of HTTP or images: its input is a preprocessed (3, H, W) array.
+The batcher knows nothing of HTTP or images. An input is a (3, H, W) array, or a callable that
+makes one: then it is called in the inference thread just before its batch runs (a model that runs
+one request per batch needs no separate stage, and no hand-off between threads, to prepare its
+inputs). A caller may also pass ``finish``, applied to its output row in the inference thread too,
+so that turning logits into an answer costs the event loop nothing. An input or finish that raises
+fails its own request only.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -36,23 +42,38 @@ from service.runtimes.base import Runtime
 log = logging.getLogger(__name__)
 
 
+Input = np.ndarray | Callable[[], np.ndarray]
+
+
 @dataclass(frozen=True, slots=True)
 class BatchResult:
-    """One request's share of a batch: its output row and where its time went."""
+    """One request's share of a batch: its output (the row, or what ``finish`` made of it) and where
+    its time went."""
 
-    output: np.ndarray
+    output: Any
     queue_s: float
     inference_s: float
     batch_size: int
+    prepare_s: float = 0.0  # making the input in the inference thread, when it was a callable
 
 
 @dataclass(eq=False, slots=True)
 class _Request:
-    tensor: np.ndarray
+    input: Input
+    finish: Callable[[np.ndarray], Any] | None
     future: asyncio.Future[BatchResult]
     enqueued_at: float  # time.monotonic()
     deadline: float  # time.monotonic(); math.inf for none
     request_id: str | None
+
+
+@dataclass(slots=True)
+class _Outcome:
+    """What the inference thread made of one request: its output, or why it failed."""
+
+    output: Any = None
+    error: BaseException | None = None
+    prepare_s: float = 0.0
 
 
 class BatchOutputMismatch(RuntimeError):
@@ -182,9 +203,14 @@ class Batcher:
             self._admitted -= 1
 
     async def submit(
-        self, tensor: np.ndarray, *, deadline: float | None = None, request_id: str | None = None
+        self,
+        input: Input,
+        *,
+        deadline: float | None = None,
+        request_id: str | None = None,
+        finish: Callable[[np.ndarray], Any] | None = None,
     ) -> BatchResult:
-        """Queue one input and wait for its output.
+        """Queue one input (an array, or a callable that makes it) and wait for its output.
 
         Raises Overloaded (queue full, with a Retry-After estimate), RequestTimeout (``deadline``, a
         ``time.monotonic()`` value, passed first), ModelUnavailable (stopping) or InternalError.
@@ -203,7 +229,8 @@ class Batcher:
             )
         now = time.monotonic()
         request = _Request(
-            tensor=tensor,
+            input=input,
+            finish=finish,
             future=asyncio.get_running_loop().create_future(),
             enqueued_at=now,
             deadline=math.inf if deadline is None else deadline,
@@ -297,11 +324,9 @@ class Batcher:
             for request in live:
                 self._metrics.observe_queue(self.model, started - request.enqueued_at)
         try:
-            outputs = await asyncio.get_running_loop().run_in_executor(
-                self._executor, _run_batch, self.runtime, [request.tensor for request in live]
+            outcomes, inference_s = await asyncio.get_running_loop().run_in_executor(
+                self._executor, _run_batch, self.runtime, [(r.input, r.finish) for r in live]
             )
-            if len(outputs) != len(live):
-                raise BatchOutputMismatch(f"runtime returned {len(outputs)} rows for a batch of {len(live)}")
         except asyncio.CancelledError:
             self._fail(live, lambda: ModelUnavailable(f"{self.model} is shutting down"))
             raise
@@ -316,14 +341,25 @@ class Batcher:
             )
             self._fail(live, lambda: InternalError(f"inference failed (error {error_id})"))
             return
-        inference_s = time.monotonic() - started
-        self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * inference_s
-        if self._metrics is not None:
-            self._metrics.observe_batch(self.model, self.runtime.name, len(live), inference_s)
-        for request, output in zip(live, outputs, strict=True):
-            if not request.future.done():
+        # The slot was held for the inputs' preparation and the run: that is what Retry-After waits.
+        self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (time.monotonic() - started)
+        ran = sum(1 for outcome in outcomes if outcome.error is None)
+        if self._metrics is not None and inference_s is not None:
+            self._metrics.observe_batch(self.model, self.runtime.name, ran, inference_s)
+        for request, outcome in zip(live, outcomes, strict=True):
+            if request.future.done():
+                continue
+            if outcome.error is not None:
+                request.future.set_exception(outcome.error)
+            else:
                 request.future.set_result(
-                    BatchResult(output, started - request.enqueued_at, inference_s, len(live))
+                    BatchResult(
+                        outcome.output,
+                        queue_s=started - request.enqueued_at,
+                        inference_s=inference_s or 0.0,
+                        batch_size=ran,
+                        prepare_s=outcome.prepare_s,
+                    )
                 )
 
     @staticmethod
@@ -345,8 +381,40 @@ class Batcher:
                     item.future.set_exception(error())
 
 
-def _run_batch(runtime: Runtime, tensors: list[np.ndarray]) -> np.ndarray:
-    """Stack and run one batch, in an inference thread: stacking copies every tensor, which is no
-    work for the event loop. A batch of one is a view, not a copy."""
-    inputs = tensors[0][np.newaxis] if len(tensors) == 1 else np.stack(tensors)
-    return runtime.run(inputs)
+def _run_batch(
+    runtime: Runtime, requests: list[tuple[Input, Callable[[np.ndarray], Any] | None]]
+) -> tuple[list[_Outcome], float | None]:
+    """One batch, in an inference thread: make the inputs that are callables, stack, run, finish.
+
+    Returns each request's outcome and the seconds the runtime took (None when no input could be
+    made). Stacking copies every tensor, which is no work for the event loop; a batch of one is a
+    view, not a copy. A failure of the runtime itself raises: it fails the whole batch.
+    """
+    outcomes = [_Outcome() for _ in requests]
+    tensors: list[np.ndarray] = []
+    ready: list[tuple[_Outcome, Callable[[np.ndarray], Any] | None]] = []
+    for outcome, (input, finish) in zip(outcomes, requests, strict=True):
+        if callable(input):
+            started = time.monotonic()
+            try:
+                input = input()
+            except Exception as exc:
+                outcome.error = exc
+                continue
+            finally:
+                outcome.prepare_s = time.monotonic() - started
+        tensors.append(input)
+        ready.append((outcome, finish))
+    if not tensors:
+        return outcomes, None
+    started = time.monotonic()
+    logits = runtime.run(tensors[0][np.newaxis] if len(tensors) == 1 else np.stack(tensors))
+    inference_s = time.monotonic() - started
+    if len(logits) != len(tensors):
+        raise BatchOutputMismatch(f"runtime returned {len(logits)} rows for a batch of {len(tensors)}")
+    for (outcome, finish), row in zip(ready, logits, strict=True):
+        try:
+            outcome.output = row if finish is None else finish(row)
+        except Exception as exc:
+            outcome.error = exc
+    return outcomes, inference_s
