@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.auth import BearerAuth
 from service.config import Settings
-from service.errors import InternalError, ServiceError, shown
+from service.errors import InternalError, ServiceError, validation_message
 from service.fair_pool import FairPool
 from service.logs import request_id_var
 from service.metrics import Metrics
@@ -120,12 +120,9 @@ async def _service_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    problems = []
-    for error in exc.errors():
-        where = ".".join(str(part) for part in error.get("loc", ())[1:]) or "request"
-        given = f" (got {shown(error['input'])})" if "input" in error and error["input"] is not None else ""
-        problems.append(f"{where}: {error.get('msg', 'invalid')}{given}")
-    body = {"error": {"code": "invalid_parameter", "message": "; ".join(problems) or "invalid request"}}
+    # FastAPI's locations start with where the value was ("query", "path", "body"): dropped.
+    errors = [{**error, "loc": tuple(error.get("loc", ()))[1:]} for error in exc.errors()]
+    body = {"error": {"code": "invalid_parameter", "message": validation_message(errors)}}
     return JSONResponse(body, status_code=422)
 
 

@@ -6,12 +6,27 @@ Routes and lower layers raise these; one exception handler turns them into
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+from typing import Any
+
 
 def shown(value: object, limit: int = 80) -> str:
     """``repr(value)`` for an error message, cut to ``limit`` characters: client input is echoed,
     never amplified (a 60 KB model name gets a short answer)."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def validation_message(errors: Iterable[Mapping[str, Any]], field: str | None = None) -> str:
+    """One line for pydantic's errors: ``where: what (got 'input')``, joined with ``; ``.
+
+    ``field`` names the value when the errors' locations do not (a validated lone value)."""
+    problems = []
+    for error in errors:
+        where = ".".join(str(part) for part in error.get("loc", ())) or field or "request"
+        given = f" (got {shown(error['input'])})" if error.get("input") is not None else ""
+        problems.append(f"{where}: {error.get('msg', 'invalid')}{given}")
+    return "; ".join(problems) or "invalid request"
 
 
 class ServiceError(Exception):

@@ -22,7 +22,6 @@ to its end asks for the connection to be closed, since the rest of the body is n
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -102,20 +101,29 @@ async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
 
     Call it once the body has been read: the next ASGI message can then only be the disconnect.
     Cancelling the work gives its queue places back, so the batcher skips it and no runtime runs it.
+    The work runs in the caller's task, cancelled as asyncio.timeout() does it (one watcher task per
+    request, rather than a task for the work and a wait on both: this is every request's path).
     """
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(request))
+    task = asyncio.current_task()
+    assert task is not None
+    disconnected = False
+
+    async def watch() -> None:
+        nonlocal disconnected
+        await _disconnected(request)
+        disconnected = True
+        task.cancel()
+
+    watcher = asyncio.ensure_future(watch())
     try:
-        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+        return await work
+    except asyncio.CancelledError:
+        # Our own cancellation, and nobody else's (a server shutdown must still cancel this task).
+        if disconnected and task.uncancel() == 0:
+            raise ClientDisconnected("the client disconnected before its answer was ready") from None
+        raise
     finally:
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
         watcher.cancel()
-    if task.cancelled():
-        raise ClientDisconnected("the client disconnected before its answer was ready")
-    return task.result()
 
 
 async def _disconnected(request: Request) -> None:

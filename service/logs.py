@@ -3,22 +3,24 @@
 The request id lives in a context variable that the HTTP middleware sets, so any log call made
 while serving a request (route, decoder, error handler) is tagged without passing it around.
 
-Records are formatted and written by a background thread (``QueueHandler`` -> ``QueueListener``):
-a log call on the event loop only puts the record on a queue. Writing there meant one write
-syscall per access-log line on the loop, whose wait for the GIL afterwards, with decode and
-inference threads running, cost ~0.3 ms of every request's time at concurrency 16.
+Records are formatted and written by a background thread, in batches: a log call on the event loop
+only appends the record to a list. Writing there meant a write system call per access-log line on
+the loop, and handing each record to a waiting thread (logging's QueueHandler) a wake-up per line;
+on 2 cores, at concurrency 16, either cost the loop ~0.05-0.3 ms of every request. The writer wakes
+every 50 ms, and at once for a warning or worse, so nothing important waits.
 """
 
 from __future__ import annotations
 
 import atexit
+import collections
 import contextvars
 import json
 import logging
-import queue
 import sys
+import threading
 import time
-from logging.handlers import QueueHandler, QueueListener
+from typing import TextIO
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
@@ -61,33 +63,80 @@ class TextFormatter(logging.Formatter):
         return f"{text} [request {request_id}]" if request_id else text
 
 
-class _ContextQueueHandler(QueueHandler):
-    """Hands records to the writer thread with what they need from this thread's context."""
+class BackgroundWriter(logging.Handler):
+    """Keeps each record with what it needs from the logging thread; a thread writes them out."""
 
-    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+    def __init__(self, stream: TextIO, formatter: logging.Formatter, interval_s: float = 0.05) -> None:
+        super().__init__()
+        self.setFormatter(formatter)
+        self._stream = stream
+        self._interval_s = interval_s
+        self._records: collections.deque[logging.LogRecord] = collections.deque()  # appends are atomic
+        self._wake = threading.Event()
+        self._write_lock = threading.Lock()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
+        self._thread.start()
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        # Without Handler.handle's lock: the writer holds nothing the logging thread waits for.
+        if self.filter(record):
+            self.emit(record)
+        return True
+
+    def emit(self, record: logging.LogRecord) -> None:
         # The request id is a context variable of the logging thread; the writer has none.
         if getattr(record, "request_id", None) is None:
             record.request_id = request_id_var.get()
         # The message is rendered now (cheap) and the JSON later: arguments may change meanwhile.
         record.msg = record.getMessage()
         record.args = None
-        return record
+        self._records.append(record)
+        if record.levelno >= logging.WARNING:
+            self._wake.set()
+
+    def flush(self) -> None:
+        """Write every record appended so far (from any thread; the writer's lock keeps the order)."""
+        with self._write_lock:
+            lines = []
+            while self._records:
+                record = self._records.popleft()
+                try:
+                    lines.append(self.format(record) + "\n")
+                except Exception:
+                    self.handleError(record)
+            if lines:
+                try:
+                    self._stream.write("".join(lines))
+                    self._stream.flush()
+                except Exception:
+                    pass  # stderr gone (closed pipe): logging must never take the service down
+
+    def close(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+        self.flush()
+        super().close()
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self._wake.wait(self._interval_s)
+            self._wake.clear()
+            self.flush()
 
 
-_listener: QueueListener | None = None
+_writer: BackgroundWriter | None = None
 
 
 def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     """Route every logger (uvicorn's included) to stderr in the chosen format, written off-thread."""
-    global _listener
+    global _writer
     stop_logging()
-    writer = logging.StreamHandler(sys.stderr)
-    writer.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
-    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    _listener = QueueListener(records, writer)
-    _listener.start()
+    _writer = BackgroundWriter(sys.stderr, JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
-    root.handlers[:] = [_ContextQueueHandler(records)]
+    root.handlers[:] = [_writer]
     root.setLevel(level)
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logger = logging.getLogger(name)
@@ -96,11 +145,12 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
 
 
 def stop_logging() -> None:
-    """Write out every queued record and stop the writer thread (also run at exit)."""
-    global _listener
-    if _listener is not None:
-        _listener.stop()
-        _listener = None
+    """Write out every waiting record and stop the writer thread (also run at exit)."""
+    global _writer
+    if _writer is not None:
+        logging.getLogger().removeHandler(_writer)
+        _writer.close()
+        _writer = None
 
 
 atexit.register(stop_logging)

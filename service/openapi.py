@@ -85,7 +85,32 @@ class Health(BaseModel):
 
 _IMAGE = {"schema": {"type": "string", "format": "binary"}}
 
-CLASSIFY_REQUEST_BODY: dict[str, Any] = {
+TOP_K_DEFAULT, TOP_K_MAX = 5, 1000
+
+CLASSIFY_REQUEST: dict[str, Any] = {
+    # Written out because the route reads its query itself (service/routes.py says why).
+    "parameters": [
+        {
+            "name": "model",
+            "in": "query",
+            "required": True,
+            "description": "model name, e.g. shufflenet_v2",
+            "schema": {"type": "string", "title": "Model"},
+        },
+        {
+            "name": "top_k",
+            "in": "query",
+            "required": False,
+            "description": "how many classes to return",
+            "schema": {
+                "type": "integer",
+                "minimum": 1,
+                "maximum": TOP_K_MAX,
+                "default": TOP_K_DEFAULT,
+                "title": "Top K",
+            },
+        },
+    ],
     "requestBody": {
         "required": True,
         "description": "the image bytes (the type is sniffed from them), or multipart/form-data "
@@ -102,7 +127,7 @@ CLASSIFY_REQUEST_BODY: dict[str, Any] = {
                 },
             },
         },
-    }
+    },
 }
 
 _ERRORS = {

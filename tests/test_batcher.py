@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 
 from service.batcher import Batcher
-from service.errors import InternalError, ModelUnavailable, Overloaded, RequestTimeout
+from service.errors import (
+    InternalError,
+    InvalidImage,
+    InvalidParameter,
+    ModelUnavailable,
+    Overloaded,
+    RequestTimeout,
+)
 from service.metrics import Metrics
 from tests.fake_repository import FakeRuntime
 
@@ -292,6 +299,71 @@ def test_concurrent_batches_and_metrics():
     assert sample("classifier_inference_duration_seconds_count", {"model": "m", "backend": "fake"}) == len(
         runtime.batches
     )
+
+
+def test_inputs_made_and_outputs_finished_in_the_inference_thread_one_failure_fails_one_request():
+    loop_thread = threading.get_ident()
+    threads: dict[str, set[int]] = {"prepare": set(), "finish": set()}
+
+    def made(value: float):
+        def make_input() -> np.ndarray:
+            threads["prepare"].add(threading.get_ident())
+            if value < 0:
+                raise InvalidImage(f"cannot make input {value}")
+            time.sleep(0.01)
+            return tensor(value)
+
+        return make_input
+
+    def finish(row: np.ndarray) -> str:
+        threads["finish"].add(threading.get_ident())
+        if row[0] == 12.0 * 9:
+            raise InvalidParameter("cannot finish 9")
+        return f"sum={row[0]:g} batch={row[1]:g}"
+
+    async def scenario():
+        runtime = FakeRuntime()
+        batcher = make(runtime, max_batch_size=4, max_queue_delay_ms=200, max_concurrent_batches=1)
+        batcher.start()
+        outcomes = await asyncio.gather(
+            batcher.submit(made(1), finish=finish),
+            batcher.submit(made(-1), finish=finish),
+            batcher.submit(tensor(2), finish=finish),
+            batcher.submit(made(9), finish=finish),
+            return_exceptions=True,
+        )
+        await batcher.stop()
+        return runtime, outcomes
+
+    runtime, (one, bad_input, two, bad_finish) = run(scenario())
+    # The input that could not be made is left out of the batch; the others ran together.
+    assert runtime.batch_sizes == [3]
+    assert (one.output, two.output) == ("sum=12 batch=3", "sum=24 batch=3")
+    assert isinstance(bad_input, InvalidImage) and isinstance(bad_finish, InvalidParameter)
+    assert one.prepare_s >= 0.01 and two.prepare_s == 0.0
+    assert (
+        threads["prepare"] and threads["finish"] and loop_thread not in threads["prepare"] | threads["finish"]
+    )
+
+
+def test_a_batch_whose_inputs_all_fail_never_reaches_the_runtime():
+    def broken() -> np.ndarray:
+        raise InvalidImage("no")
+
+    async def scenario():
+        runtime = FakeRuntime()
+        batcher = make(runtime, max_batch_size=2, max_queue_delay_ms=100)
+        batcher.start()
+        outcomes = await asyncio.gather(
+            batcher.submit(broken), batcher.submit(broken), return_exceptions=True
+        )
+        after = await batcher.submit(tensor(3))
+        await batcher.stop()
+        return runtime, outcomes, after
+
+    runtime, outcomes, after = run(scenario())
+    assert all(isinstance(outcome, InvalidImage) for outcome in outcomes)
+    assert runtime.batch_sizes == [1] and after.output[0] == 36.0
 
 
 def test_arguments_are_checked():

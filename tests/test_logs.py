@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import time
 
-from service.logs import JsonFormatter, TextFormatter, request_id_var
+from service.logs import BackgroundWriter, JsonFormatter, TextFormatter, request_id_var
 
 
 def record(message: str = "hello %s", *args: object, **extra: object) -> logging.LogRecord:
@@ -32,3 +34,32 @@ def test_json_lines_carry_the_request_id_and_extra_fields():
 def test_outside_a_request_there_is_no_request_id():
     assert "request_id" not in json.loads(JsonFormatter().format(record()))
     assert "[request" not in TextFormatter().format(record())
+
+
+def test_the_background_writer_keeps_order_and_request_ids_and_writes_everything_on_close():
+    stream = io.StringIO()
+    writer = BackgroundWriter(stream, JsonFormatter(), interval_s=60)  # only a warning or close writes
+    logger = logging.getLogger("service.test.writer")
+    logger.addHandler(writer)
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    try:
+        token = request_id_var.set("req-7")
+        try:
+            for i in range(50):
+                logger.info("line %d", i)
+        finally:
+            request_id_var.reset(token)
+        assert stream.getvalue() == ""  # nothing written on the logging thread
+        logger.warning("now")
+        deadline = time.monotonic() + 5
+        while "now" not in stream.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        logger.info("last")
+    finally:
+        logger.removeHandler(writer)
+        writer.close()
+    entries = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [e["message"] for e in entries] == [f"line {i}" for i in range(50)] + ["now", "last"]
+    assert {e.get("request_id") for e in entries[:50]} == {"req-7"}
+    assert "request_id" not in entries[-1]
