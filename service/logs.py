@@ -30,6 +30,7 @@ _STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)))
     "message",
     "asctime",
     "color_message",
+    "request_id",  # written as its own field, when there is one
 }
 
 
