@@ -86,14 +86,13 @@ async def read_uploads(
 
 
 async def _read_raw(chunks: AsyncIterator[bytes], media_type: bytes) -> Upload:
-    data = bytearray()
-    async for chunk in chunks:
-        data += chunk
-    if not data:
+    parts = [chunk async for chunk in chunks]
+    if not parts:
         raise InvalidImage(
             "the request body is empty: send the image bytes, or multipart/form-data with a file part"
         )
-    return Upload(None, bytes(data), media_type.decode("latin-1") or None)
+    data = parts[0] if len(parts) == 1 else b"".join(parts)
+    return Upload(None, data, media_type.decode("latin-1") or None)
 
 
 async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:

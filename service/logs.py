@@ -15,12 +15,13 @@ from __future__ import annotations
 import atexit
 import collections
 import contextvars
-import json
 import logging
 import sys
 import threading
 import time
 from typing import TextIO
+
+from pydantic_core import to_json
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
@@ -51,7 +52,7 @@ class JsonFormatter(logging.Formatter):
                 entry[key] = value
         if record.exc_info:
             entry["exc_info"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
+        return to_json(entry, fallback=str).decode()
 
 
 class TextFormatter(logging.Formatter):
@@ -135,6 +136,10 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     """Route every logger (uvicorn's included) to stderr in the chosen format, written off-thread."""
     global _writer
     stop_logging()
+    # No record says where it was made or by which thread or process (the formats above use none of
+    # it): the logging HOWTO's optimisations, for the access line of every request.
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     _writer = BackgroundWriter(sys.stderr, JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [_writer]

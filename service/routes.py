@@ -11,6 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import Field, TypeAdapter, ValidationError
+from pydantic_core import to_json
 from starlette.datastructures import QueryParams
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -31,6 +32,14 @@ from service.pipeline import ImageResult
 from service.repository import ServedModel
 
 router = APIRouter()
+
+
+class FastJSONResponse(JSONResponse):
+    """JSON encoded by pydantic-core (compiled) rather than the json module: a fifth of the time,
+    and every /classify answer is encoded on the event loop."""
+
+    def render(self, content: object) -> bytes:
+        return to_json(content)
 
 
 @router.post(
@@ -72,7 +81,7 @@ async def classify(request: Request) -> JSONResponse:
     else:
         body["results"] = [{"filename": r.filename, "predictions": r.predictions} for r in results]
     body["timings_ms"] = _timings_ms(results, total_s)
-    return JSONResponse(body)
+    return FastJSONResponse(body)
 
 
 # The query of every /classify request is read here rather than declared as FastAPI parameters:
