@@ -216,7 +216,11 @@ class RequestContext:
             seconds = time.monotonic() - started
             path = scope.get("path", "")
             if path == CLASSIFY_PATH:
-                self.metrics.observe_request(_query_model(scope), status, seconds)
+                # The route records the model it read; a request refused before it got there is
+                # labelled from its query string.
+                state = scope["state"]
+                model = state["model"] if "model" in state else _query_model(scope)
+                self.metrics.observe_request(model, status, seconds)
             access_log.log(
                 logging.DEBUG if path in _QUIET_PATHS else logging.INFO,
                 "%s %s %d %.1f ms",

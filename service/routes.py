@@ -54,6 +54,7 @@ class FastJSONResponse(JSONResponse):
 async def classify(request: Request) -> JSONResponse:
     started = time.monotonic()
     model, top_k = classify_query(request.query_params)
+    request.state.model = model  # the metrics' label (service/app.py, RequestContext)
     state = request.app.state
     settings = state.settings
     served = state.repository.get(model)
@@ -217,10 +218,15 @@ def describe(model: ServedModel, *, detail: bool) -> dict:
 
 def _timings_ms(results: list[ImageResult], total_s: float) -> dict[str, float]:
     # Images of one request decode and queue side by side: each stage lasted as long as its slowest.
+    decode_s, queue_s, inference_s = results[0].decode_s, results[0].queue_s, results[0].inference_s
+    for result in results[1:]:
+        decode_s = max(decode_s, result.decode_s)
+        queue_s = max(queue_s, result.queue_s)
+        inference_s = max(inference_s, result.inference_s)
     return {
-        "decode": round(max(r.decode_s for r in results) * 1000, 3),
-        "queue": round(max(r.queue_s for r in results) * 1000, 3),
-        "inference": round(max(r.inference_s for r in results) * 1000, 3),
+        "decode": round(decode_s * 1000, 3),
+        "queue": round(queue_s * 1000, 3),
+        "inference": round(inference_s * 1000, 3),
         "total": round(total_s * 1000, 3),
     }
 

@@ -247,7 +247,8 @@ def test_python_m_service_with_a_token_and_a_metrics_port(fake_repo, tmp_path):
     finally:
         service.stop()
     log = service.output()
-    assert TOKEN not in log and '"auth_token": "**********"' in log
+    starting = next(json.loads(line) for line in log.splitlines() if '"message":"starting"' in line)
+    assert TOKEN not in log and starting["settings"]["auth_token"] == "**********"
     assert f"/metrics on 127.0.0.1:{metrics_port}" in log
 
 
