@@ -45,9 +45,10 @@ class BatchingPolicy:
 #   and 63; batch 1 one at a time 86 and 71. A wait for a fuller batch (8, 5 ms) only added latency:
 #   ShuffleNet v2 p50 at concurrency 1 went from 9-13 ms to 15-19 ms.
 # * Intra-op threads 2 was slower and erratic while the box was shared with other work (MobileNet v1
-#   batch 1: 28.6 ms vs 11.7); on a quiet box it halves a lone request's inference (MobileNet v2
-#   served p50 at concurrency 1: 8.5 ms vs 12.7) but costs throughput once every core is busy
-#   (140 vs 155 req/s at concurrency 16). The default serves throughput; the README says how to trade.
+#   batch 1: 28.6 ms vs 11.7); on a quiet box it shortens a lone request's inference (MobileNet v2
+#   served p50 at concurrency 1: 7.8-10.4 ms vs 11.2-11.7) but costs throughput once every core is
+#   busy (130-137 vs 167-175 req/s at concurrency 16). The default serves throughput; the README
+#   says how to trade.
 # So on CPU each request runs alone (batch 1, no delay) on one thread, one batch per core at a
 # time: the parallelism comes from running requests side by side, not from stacking them.
 #
