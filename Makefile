@@ -35,7 +35,7 @@ run: models
 	MODEL_REPOSITORY=$(REPO) $(PY) -m service --host $(HOST) --port $(PORT)
 
 # In-process runtime cost, the served path under the load generator, the ratio between them, the
-# ShuffleNet v2 experiments; report, chart and JSON in benchmarks/results/<timestamp>/ (~8 min on 2 cores).
+# ShuffleNet v2 experiments; report, chart and JSON in benchmarks/results/<timestamp>/ (~11 min on 2 cores).
 .PHONY: bench
 bench: models
 	$(PY) build_engines.py --models $(MODELS) --weights $(WEIGHTS) --out $(REPO) --precision fp16 int8

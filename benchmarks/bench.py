@@ -59,12 +59,13 @@ class Plan:
     runtime_duration_s: float = 0.5
     batch_sizes: tuple[int, ...] = (1, 2, 4, 8)
     thread_settings: tuple[int, ...] = (1, 2)
-    pipeline_duration_s: float = 1.5
+    # Long enough that the served/in-process ratio of each repeat is a few percent, not several.
+    pipeline_duration_s: float = 3.0
     # In-process worker threads: one per core, and two per core (on a machine shared with other work,
     # more runnable threads win a larger share of the cores, as the server's decode and inference
     # threads do; on a quiet machine one per core is the faster).
     workers: tuple[int, ...] = (cpu_count(), 2 * cpu_count())
-    load_duration_s: float = 5.0
+    load_duration_s: float = 8.0
     load_warmup_s: float = 1.0
     concurrency: tuple[int, ...] = (1, 4, 16)
     images: int = 8
