@@ -346,6 +346,26 @@ def test_inputs_made_and_outputs_finished_in_the_inference_thread_one_failure_fa
     )
 
 
+def test_inference_threads_take_the_next_batch_without_the_event_loop():
+    async def scenario():
+        runtime = FakeRuntime(delay_s=0.01)
+        batcher = make(runtime, max_batch_size=1, max_concurrent_batches=1)
+        batcher.start()
+        callers = [asyncio.create_task(batcher.submit(tensor(i))) for i in range(6)]
+        await asyncio.sleep(0)  # every request queued
+        # The event loop is blocked: only a thread that takes its work from the queue itself can
+        # run one batch after another meanwhile.
+        time.sleep(0.3)  # noqa: ASYNC251 - blocking the loop is the point
+        ran_while_blocked = len(runtime.batches)
+        results = await asyncio.gather(*callers)
+        await batcher.stop()
+        return ran_while_blocked, results
+
+    ran_while_blocked, results = run(scenario())
+    assert ran_while_blocked == 6
+    assert [r.output[0] for r in results] == [12.0 * i for i in range(6)]
+
+
 def test_a_batch_whose_inputs_all_fail_never_reaches_the_runtime():
     def broken() -> np.ndarray:
         raise InvalidImage("no")
