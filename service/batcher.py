@@ -272,7 +272,13 @@ class Batcher:
             while not stopping:
                 batch, stopping = self._collect()
                 if batch:
-                    self._execute(batch)
+                    try:
+                        self._execute(batch)
+                    except Exception:  # a fault outside the runtime: fail the batch, keep the thread
+                        error_id = uuid.uuid4().hex[:12]
+                        log.exception("%s: batch of %d failed (error %s)", self.model, len(batch), error_id)
+                        failed = [(r, InternalError(f"internal error (error {error_id})")) for r in batch]
+                        self._to_loop(_answer, failed)
         finally:
             self._to_loop(self._thread_exited)
 

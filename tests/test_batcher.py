@@ -366,6 +366,29 @@ def test_inference_threads_take_the_next_batch_without_the_event_loop():
     assert [r.output[0] for r in results] == [12.0 * i for i in range(6)]
 
 
+def test_a_fault_outside_the_runtime_fails_its_batch_and_the_thread_serves_on():
+    class FaultyMetrics(Metrics):
+        faults = 1
+
+        def observe_queue(self, model: str, seconds: float) -> None:
+            if self.faults:
+                self.faults -= 1
+                raise RuntimeError("metrics fault")
+            super().observe_queue(model, seconds)
+
+    async def scenario():
+        runtime = FakeRuntime()
+        batcher = make(runtime, max_batch_size=1, max_concurrent_batches=1, metrics=FaultyMetrics(["m"]))
+        batcher.start()
+        with pytest.raises(InternalError):
+            await batcher.submit(tensor(1), deadline=time.monotonic() + 2)
+        after = await batcher.submit(tensor(2), deadline=time.monotonic() + 2)
+        await batcher.stop()
+        return after
+
+    assert run(scenario()).output[0] == 24.0
+
+
 def test_a_batch_whose_inputs_all_fail_never_reaches_the_runtime():
     def broken() -> np.ndarray:
         raise InvalidImage("no")
