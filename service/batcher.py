@@ -275,10 +275,7 @@ class Batcher:
                     try:
                         self._execute(batch)
                     except Exception:  # a fault outside the runtime: fail the batch, keep the thread
-                        error_id = uuid.uuid4().hex[:12]
-                        log.exception("%s: batch of %d failed (error %s)", self.model, len(batch), error_id)
-                        failed = [(r, InternalError(f"internal error (error {error_id})")) for r in batch]
-                        self._to_loop(_answer, failed)
+                        self._to_loop(_answer, self._failed(batch, "internal error"))
         finally:
             self._to_loop(self._thread_exited)
 
@@ -342,16 +339,7 @@ class Batcher:
         try:
             outcomes, inference_s = _run_batch(self.runtime, [(r.input, r.finish) for r in live])
         except Exception:
-            error_id = uuid.uuid4().hex[:12]
-            log.exception(
-                "%s: batch of %d failed (error %s; requests %s)",
-                self.model,
-                len(live),
-                error_id,
-                ", ".join(request.request_id or "-" for request in live),
-            )
-            # One exception object per caller: a shared one would collect every caller's traceback.
-            return [(request, InternalError(f"inference failed (error {error_id})")) for request in live]
+            return self._failed(live, "inference failed")
         # The thread was held for the inputs' preparation and the run: that is what Retry-After waits.
         self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (time.monotonic() - started)
         ran = sum(1 for outcome in outcomes if outcome.error is None)
@@ -372,6 +360,19 @@ class Batcher:
             )
             for request, outcome in zip(live, outcomes, strict=True)
         ]
+
+    def _failed(self, batch: list[_Request], what: str) -> list[tuple[_Request, BatchResult | Exception]]:
+        """Log the exception being handled under a new error id; a 500 naming it for each request."""
+        error_id = uuid.uuid4().hex[:12]
+        log.exception(
+            "%s: batch of %d failed (error %s; requests %s)",
+            self.model,
+            len(batch),
+            error_id,
+            ", ".join(request.request_id or "-" for request in batch),
+        )
+        # One exception object per caller: a shared one would collect every caller's traceback.
+        return [(request, InternalError(f"{what} (error {error_id})")) for request in batch]
 
     # --- back on the event loop -----------------------------------------------------------------
     def _to_loop(self, callback: Callable[..., None], *args: Any) -> None:

@@ -35,6 +35,11 @@ _STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)))
 }
 
 
+def _request_id(record: logging.LogRecord) -> str | None:
+    # Set on the record when it was queued (BackgroundWriter); else the formatting thread's own.
+    return getattr(record, "request_id", None) or request_id_var.get()
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
@@ -44,7 +49,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        request_id = getattr(record, "request_id", None) or request_id_var.get()
+        request_id = _request_id(record)
         if request_id:
             entry["request_id"] = request_id
         for key, value in vars(record).items():
@@ -61,7 +66,7 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
-        request_id = getattr(record, "request_id", None) or request_id_var.get()
+        request_id = _request_id(record)
         return f"{text} [request {request_id}]" if request_id else text
 
 
