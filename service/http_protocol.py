@@ -1,4 +1,4 @@
-"""uvicorn's httptools protocol with a deadline on each request's headers.
+"""uvicorn's httptools protocol with a deadline on each request's headers, and JSON for its errors.
 
 uvicorn closes a kept-alive connection that stays idle after a response (``timeout_keep_alive``),
 but not one that never sends a request, nor one that sends its headers a byte at a time (a
@@ -7,6 +7,10 @@ of them lock everyone else out. Here the complete headers of every request must 
 ``HEADER_TIMEOUT_S`` of the connection opening, or of the request's first byte on a kept-alive
 connection; past that the client gets 408 and the connection is closed. (The body has its own
 deadline, ``BODY_READ_TIMEOUT_S``, enforced by the app: service/http_input.py.)
+
+A request the HTTP parser cannot read (a bad request line, header or chunk size; Content-Length and
+chunked together) never reaches the app: uvicorn answers it 400 itself, in plain text. Here that
+answer has the JSON error body every other error of the service has.
 """
 
 from __future__ import annotations
@@ -16,12 +20,21 @@ import json
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-_BODY = json.dumps(
-    {"error": {"code": "header_timeout", "message": "the request headers did not arrive in time"}}
-).encode()
-_TIMEOUT_RESPONSE = (
-    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
-    b"content-length: %d\r\n\r\n%s" % (len(_BODY), _BODY)
+
+def _closing_error(status_line: bytes, code: str, message: str) -> bytes:
+    """A whole response with the service's JSON error body, after which the connection closes."""
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    return (
+        b"HTTP/1.1 %s\r\ncontent-type: application/json\r\nconnection: close\r\n"
+        b"content-length: %d\r\n\r\n%s" % (status_line, len(body), body)
+    )
+
+
+_TIMEOUT_RESPONSE = _closing_error(
+    b"408 Request Timeout", "header_timeout", "the request headers did not arrive in time"
+)
+_MALFORMED_RESPONSE = _closing_error(
+    b"400 Bad Request", "bad_request", "malformed HTTP request: it cannot be parsed as HTTP/1.1"
 )
 
 
@@ -47,6 +60,11 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        # uvicorn's own version answers in plain text; ``msg`` is its fixed "Invalid HTTP request".
+        self.transport.write(_MALFORMED_RESPONSE)
+        self.transport.close()
 
     def _arm(self) -> None:
         self._header_deadline = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
