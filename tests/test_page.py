@@ -194,3 +194,43 @@ def test_a_file_that_is_not_an_image_shows_the_servers_error(browser, server, tm
         assert page.locator("#predictions li").count() == 0
     finally:
         session.close()
+
+
+def test_with_a_bearer_token_configured_the_page_asks_for_it_and_then_works(browser, fake_repo, tmp_path):
+    token = "page-test-token-0123456789abcdef"
+    settings = serving_settings(fake_repo, auth_token=token)
+    with LiveServer(create_app(settings)) as live:
+        wait_ready(live.url)
+        context = browser.new_context(viewport={"width": 1280, "height": 900})
+        page = context.new_page()
+        sent: list[str | None] = []
+        page.on("request", lambda request: sent.append(request.headers.get("authorization")))
+        try:
+            page.goto(f"{live.url}/")
+            # The page itself is open; its first API call is refused, and it asks for the token.
+            page.wait_for_selector("#auth:not([hidden])")
+            assert "needs a bearer token" in page.text_content("#auth-text")
+            assert page.locator("#models tbody tr").count() == 0
+
+            page.fill("#token", "not-the-token-at-all-0123456789")
+            page.click("#use-token")
+            page.wait_for_function("document.querySelector('#auth-text').textContent.includes('refused')")
+            assert page.locator("#models tbody tr").count() == 0
+
+            page.fill("#token", token)
+            page.click("#use-token")
+            page.wait_for_function(
+                "(rows => rows.length === 2 && rows.every(r => r.cells[1].textContent === 'ready'))"
+                "([...document.querySelectorAll('#models tbody tr')])"
+            )
+            assert page.is_hidden("#auth")
+            photo = tmp_path / "photo.jpg"
+            photo.write_bytes(JPEG)
+            page.set_input_files("#file", str(photo))
+            page.wait_for_selector("#predictions li")
+            assert page.locator("#predictions li").count() == 5
+            assert f"Bearer {token}" in sent  # the API calls carried it
+            # Kept for the tab, not in storage that outlives it.
+            assert page.evaluate("Object.keys(localStorage).length") == 0
+        finally:
+            context.close()
