@@ -200,7 +200,12 @@ def _batching(url: str) -> dict[str, str]:
 
 
 def compare(
-    url: str, repository: Path, models: list[str], plan: Plan, images: list[load.Image]
+    url: str,
+    repository: Path,
+    models: list[str],
+    plan: Plan,
+    images: list[load.Image],
+    server_pid: int | None = None,
 ) -> tuple[list[dict], list[dict], list[dict]]:
     """(c): the same work served and in-process, side by side in time.
 
@@ -208,9 +213,12 @@ def compare(
     concurrency level, then the in-process throughput of every arrangement. A noisy spell on a shared
     machine then hits both sides of a ratio alike, and the ratio can be taken repeat by repeat.
     Returns (in-process latency rows, in-process throughput rows, served level rows), each with its
-    ``repeat``.
+    ``repeat``. With ``server_pid`` (a server started here), each served level also says how much CPU
+    the server's threads spent per request.
     """
-    config = load.LoadConfig(url=url, duration_s=plan.load_duration_s, warmup_s=plan.load_warmup_s)
+    config = load.LoadConfig(
+        url=url, duration_s=plan.load_duration_s, warmup_s=plan.load_warmup_s, server_pid=server_pid
+    )
     levels = load.levels_from(plan.concurrency)
     progress = load.progress_bar()
     data = [image.data for image in images]
@@ -315,12 +323,14 @@ def run(repository: Path, models: list[str], plan: Plan, out_dir: Path, url: str
 
     _say("(b) and (c): the served path under the load generator, and the same work in-process")
     with contextlib.ExitStack() as stack:
+        server_pid = None
         if url is None:
             server = stack.enter_context(Server(repository, models, out_dir / "server.log"))
             url, command = server.url, server.command
+            server_pid = server.process.pid if server.process else None
         else:
             command = f"already running at {url}"
-        latency, throughput, levels = compare(url, repository, models, plan, jpegs)
+        latency, throughput, levels = compare(url, repository, models, plan, jpegs, server_pid)
         results["pipeline_latency"], results["pipeline_throughput"] = latency, throughput
         results["served"] = {"command": command, "url": url, "batching": _batching(url), "levels": levels}
 

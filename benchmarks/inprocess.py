@@ -198,6 +198,9 @@ class PipelineThroughput:
     workers: int
     requests_per_s: Spread
     requests: int
+    # The process's CPU time per request while the workers ran (every request they ran, the ones that
+    # finished after the window included): the served path's CPU per request compares with this.
+    cpu_ms_per_request: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -225,21 +228,26 @@ def pipeline_throughput(
     try:
         for runtime in set(runtimes):
             classify_once(runtime, manifest, images[0])
-        rates, total = [], 0
+        rates, total, cpu_s, ran = [], 0, 0.0, 0
         for _ in range(repeats):
-            done = _run_workers(runtimes, manifest, images, duration_s)
+            cpu0 = time.process_time()
+            done, finished = _run_workers(runtimes, manifest, images, duration_s)
+            cpu_s += time.process_time() - cpu0
+            ran += finished
             rates.append(sum(done) / duration_s)
             total += sum(done)
     finally:
         for runtime in set(runtimes):
             runtime.close()
-    return PipelineThroughput(manifest.name, arrangement, workers, Spread.of(rates), total)
+    cpu_ms = 1000 * cpu_s / ran if ran else None
+    return PipelineThroughput(manifest.name, arrangement, workers, Spread.of(rates), total, cpu_ms)
 
 
 def _run_workers(
     runtimes: Sequence[Runtime], manifest: Manifest, images: Sequence[bytes], duration_s: float
-) -> list[int]:
-    """Requests each worker finished inside a window of ``duration_s`` that they all start together."""
+) -> tuple[list[int], int]:
+    """Requests each worker finished inside a window of ``duration_s`` that they all start together,
+    and how many they ran in all (each worker's last one ends after the window)."""
     start = threading.Barrier(len(runtimes) + 1)
     window: dict[str, float] = {}
     done = [0] * len(runtimes)
@@ -262,7 +270,7 @@ def _run_workers(
     start.wait()
     for thread in threads:
         thread.join()
-    return done
+    return done, sum(done) + len(threads)
 
 
 def best_throughput(results: Sequence[PipelineThroughput]) -> PipelineThroughput:

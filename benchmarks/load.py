@@ -44,6 +44,8 @@ from urllib.parse import quote, urlsplit
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks import cpu_time
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 QUANTILES = (0.5, 0.9, 0.95, 0.99)
 IMAGE_SUFFIXES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp"}
@@ -540,6 +542,9 @@ class LevelResult:
     target_rate: float | None = None
     late_starts: int = 0
     connections: int = 0
+    # With LoadConfig.server_pid: the server's CPU per request (event loop, other threads) and the
+    # machine's idle share over the same window (benchmarks/cpu_time.py).
+    server_cpu: dict[str, float] | None = None
 
     @property
     def label(self) -> str:
@@ -615,6 +620,7 @@ class LoadConfig:
     poisson: bool = False
     seed: int = 0
     read_metrics: bool = True
+    server_pid: int | None = None  # a server on this machine: its CPU is read around each level
 
 
 Progress = Callable[[str, float, int, float], None]  # label, elapsed_s, requests, duration_s
@@ -663,12 +669,14 @@ async def run_level(
         before = await scrape(config.url) if config.read_metrics else None
         window = _Window()
         ticker = asyncio.create_task(_tick(progress, f"{model} {level}", window, config.duration_s))
+        server_cpu0 = cpu_time.read(config.server_pid) if config.server_pid is not None else None
         cpu0, started = time.thread_time(), time.perf_counter()
         try:
             await phase(config.duration_s, config.max_requests, window)
         finally:
             elapsed = time.perf_counter() - started
             cpu_s = time.thread_time() - cpu0
+            server_cpu1 = cpu_time.read(config.server_pid) if server_cpu0 is not None else None
             ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await ticker
@@ -708,6 +716,9 @@ async def run_level(
         target_rate=level.value if level.mode == "rate" else None,
         late_starts=window.late,
         connections=len(connections) if level.mode == "concurrency" else pool.opened,
+        server_cpu=(server_cpu1 - server_cpu0).per_request(window.sent)
+        if server_cpu0 is not None and server_cpu1 is not None
+        else None,
     )
 
 
@@ -792,6 +803,9 @@ CSV_COLUMNS = (
     "server_p99_bucket_ms",
     "client_cpu_percent",
     "client_cpu_us_per_request",
+    "server_event_loop_ms_per_request",
+    "server_other_threads_ms_per_request",
+    "machine_idle_percent",
 )
 
 
@@ -814,6 +828,7 @@ def _errors_text(errors: dict[str, int]) -> str:
 
 def csv_row(result: LevelResult) -> dict[str, object]:
     stages = result.server_timings_ms
+    cpu = result.server_cpu or {}
     return {
         "model": result.model,
         "mode": result.mode,
@@ -834,6 +849,9 @@ def csv_row(result: LevelResult) -> dict[str, object]:
         "server_p99_bucket_ms": _bucket_text(result, "p99"),
         "client_cpu_percent": round(result.client_cpu_percent, 2),
         "client_cpu_us_per_request": round(result.client_cpu_us_per_request, 1),
+        "server_event_loop_ms_per_request": _round(cpu.get("event_loop_ms_per_request")),
+        "server_other_threads_ms_per_request": _round(cpu.get("other_threads_ms_per_request")),
+        "machine_idle_percent": _round(cpu.get("machine_idle_percent")),
     }
 
 
@@ -860,9 +878,22 @@ def format_table(results: Sequence[LevelResult]) -> str:
         "server p99 bucket",
         "client CPU",
     )
+    with_server_cpu = any(r.server_cpu for r in results)
+    if with_server_cpu:
+        header += ("loop ms/req", "threads ms/req", "idle")
     rows = [header]
     for r in results:
         stages = r.server_timings_ms
+        cpu = r.server_cpu or {}
+        server_cells = (
+            (
+                _fmt(cpu.get("event_loop_ms_per_request"), 3),
+                _fmt(cpu.get("other_threads_ms_per_request"), 3),
+                _fmt(cpu.get("machine_idle_percent")) + ("%" if cpu else ""),
+            )
+            if with_server_cpu
+            else ()
+        )
         rows.append(
             (
                 r.model,
@@ -875,6 +906,7 @@ def format_table(results: Sequence[LevelResult]) -> str:
                 _bucket_text(r, "p50"),
                 _bucket_text(r, "p99"),
                 f"{r.client_cpu_percent:.1f}%",
+                *server_cells,
             )
         )
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
@@ -889,6 +921,12 @@ def format_table(results: Sequence[LevelResult]) -> str:
             lines.append("  ".join("-" * w for w in widths))
     lines.append(
         "latencies in ms; decode/queue/infer: server means from timings_ms; client CPU: % of one core"
+        + (
+            "; loop/threads: the server's event-loop thread and its other threads, CPU ms per request;"
+            " idle: the machine's idle share"
+            if with_server_cpu
+            else ""
+        )
     )
     return "\n".join(lines)
 
@@ -955,6 +993,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--files-per-request", type=int, default=1, help="> 1: multipart requests of N files")
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument(
+        "--server-pid",
+        type=int,
+        default=None,
+        help="the server's process id, when it runs on this machine: its CPU per request is reported",
+    )
+    parser.add_argument(
         "--out", type=Path, default=None, help="results folder (default benchmarks/results/load-TIME)"
     )
     args = parser.parse_args(argv)
@@ -993,6 +1037,7 @@ async def _main(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         files_per_request=args.files_per_request,
         poisson=args.poisson,
+        server_pid=args.server_pid,
     )
     levels = levels_from(args.concurrency, args.rate)
     started = datetime.now().astimezone()

@@ -19,6 +19,7 @@ from benchmarks.experiments import decomposition, guideline1
 REPORT_FILE = "report.md"
 CHART_FILE = "latency_vs_flops.png"
 RESULTS_FILE = "results.json"
+SERVER_CPU_KEYS = ("event_loop_ms_per_request", "other_threads_ms_per_request", "machine_idle_percent")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,9 +62,23 @@ def served_levels(results: dict) -> dict[tuple[str, float], dict]:
                 for stage in ("decode", "queue", "inference")
             },
             "histogram_agrees": all(agreement) if agreement else None,
+            "client_cpu_ms_per_request": _spread([r["client_cpu_us_per_request"] / 1000 for r in runs]),
+            "served_cpu_ms_per_request": _spread([_served_cpu_ms(r) for r in runs]),
+            "server_cpu": {
+                key: _spread([(r.get("server_cpu") or {}).get(key) for r in runs]) for key in SERVER_CPU_KEYS
+            },
             "repeats": len(runs),
         }
     return summary
+
+
+def _served_cpu_ms(level: dict) -> float | None:
+    """CPU per request of one served level: the server's threads and the load generator."""
+    cpu = level.get("server_cpu")
+    if not cpu:
+        return None
+    server_ms = cpu["event_loop_ms_per_request"] + cpu["other_threads_ms_per_request"]
+    return server_ms + level["client_cpu_us_per_request"] / 1000
 
 
 def _runtime_row(results: dict, model: str, batch: int = 1, threads: int = 1) -> dict | None:
@@ -100,6 +115,7 @@ def inprocess_throughput(results: dict) -> dict[tuple[str, str, int], dict]:
     return {
         key: {
             "requests_per_s": _spread([r["requests_per_s"]["median"] for r in rows]),
+            "cpu_ms_per_request": _spread([r.get("cpu_ms_per_request") for r in rows]),
             "by_repeat": _by_repeat(rows, "requests_per_s"),
         }
         for key, rows in grouped.items()
@@ -121,6 +137,15 @@ def _paired(served: dict[int, float], inproc: dict[int, float], combine) -> dict
     return _spread(values) if values else None
 
 
+def _best_arrangement(
+    throughput: dict[tuple[str, str, int], dict], model: str
+) -> tuple[tuple[str, str, int] | None, dict | None]:
+    """The model's fastest in-process arrangement (median requests/s over the repeats)."""
+    arrangements = {key: value for key, value in throughput.items() if key[0] == model}
+    best_key = max(arrangements, key=lambda k: arrangements[k]["requests_per_s"]["median"], default=None)
+    return best_key, arrangements.get(best_key) if best_key else None
+
+
 def model_summary(results: dict) -> list[dict]:
     """One row per model: analytic cost, in-process and served speed, and the ratios between them.
 
@@ -136,9 +161,7 @@ def model_summary(results: dict) -> list[dict]:
     for model, facts in results["models"].items():
         runtime = _runtime_row(results, model)
         runtime_ms = runtime["batch_ms"]["median"] if runtime else None
-        arrangements = {key: value for key, value in throughput.items() if key[0] == model}
-        best_key = max(arrangements, key=lambda k: arrangements[k]["requests_per_s"]["median"], default=None)
-        best = arrangements.get(best_key) if best_key else None
+        best_key, best = _best_arrangement(throughput, model)
         served_low = levels.get((model, low_c), {})
         served_high = levels.get((model, high_c), {})
         flops = facts["flops"]
@@ -254,6 +277,49 @@ def summary_table(results: dict) -> str:
         ]
         for r in rows
     ]
+    return _table(head, body)
+
+
+def cpu_table(results: dict) -> str:
+    """CPU per request at the highest concurrency: in-process against served, part by part."""
+    levels = served_levels(results)
+    throughput = inprocess_throughput(results)
+    concurrency = sorted({level for _, level in levels})
+    if not concurrency:
+        return "(not run)"
+    high_c = concurrency[-1]
+    head = [
+        "model",
+        "in-process ms/req",
+        "served: event loop",
+        "served: other threads",
+        "load generator",
+        "served total",
+        "served / in-process CPU",
+        "idle, served",
+    ]
+    body = []
+    for model in results["models"]:
+        served = levels.get((model, high_c))
+        _, best = _best_arrangement(throughput, model)
+        if served is None:
+            continue
+        cpu = served["server_cpu"]
+        total = served["served_cpu_ms_per_request"]
+        inproc = best["cpu_ms_per_request"] if best else None
+        idle = cpu["machine_idle_percent"]
+        body.append(
+            [
+                model,
+                _sp(inproc, 2),
+                _sp(cpu["event_loop_ms_per_request"], 3),
+                _sp(cpu["other_threads_ms_per_request"], 3),
+                _sp(served["client_cpu_ms_per_request"], 3),
+                _sp(total, 2),
+                _f(100 * total["median"] / inproc["median"], 0, "%") if total and inproc else "-",
+                _sp(idle, 1) + ("%" if idle else ""),
+            ]
+        )
     return _table(head, body)
 
 
@@ -431,6 +497,17 @@ def markdown(results: dict) -> str:
         "server's own request-duration histogram for the same requests, in every repeat.",
         "",
         served_table(results),
+        "",
+        "## Where the served path's CPU goes",
+        "",
+        "With every core busy, requests/s is the busy cores over the CPU time of one request, so the "
+        "served / in-process ratio above is the in-process CPU per request over the served one, less the "
+        "cores the served path leaves idle. Per request at the highest concurrency, from /proc: the "
+        "in-process CPU of the fastest arrangement; the server's event-loop thread (uvicorn, the app) and "
+        "its other threads (decode, inference, ranking, logging); the load generator, which shares the "
+        "machine; and the share of the machine left idle while served.",
+        "",
+        cpu_table(results),
         "",
         "## Reduced precision, in-process",
         "",

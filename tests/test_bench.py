@@ -74,6 +74,12 @@ def _level(model: str, level: int, repeat: int, rps: float, p50: float) -> dict:
         "latency_ms": {"p50": p50, "p99": 2 * p50},
         "errors": {},
         "client_cpu_percent": 2.0,
+        "client_cpu_us_per_request": 200.0,
+        "server_cpu": {
+            "event_loop_ms_per_request": 0.5,
+            "other_threads_ms_per_request": 7.5 + repeat / 10,
+            "machine_idle_percent": 3.0,
+        },
         "server_timings_ms": {"decode": {"mean": 3.0}, "queue": {"mean": 0.1}, "inference": {"mean": 5.0}},
         "server_histogram": {
             "p50": {"client_within_one_bucket": True},
@@ -89,6 +95,7 @@ def _throughput(arrangement: str, repeat: int, rps: float) -> dict:
         "workers": 2,
         "repeat": repeat,
         "requests_per_s": _spread(rps),
+        "cpu_ms_per_request": 2000 / rps,  # two busy cores
     }
 
 
@@ -162,6 +169,21 @@ def test_report_markdown_and_chart(tmp_path):
         assert chart.format == "PNG" and chart.width > 600
 
 
+def test_cpu_table_puts_the_served_parts_beside_the_in_process_cpu_per_request():
+    table = report.cpu_table(_results())
+    # In-process: the fastest arrangement's 2000/250, 2000/240, 2000/260 ms. Served per repeat: event
+    # loop 0.5 + other threads 7.5/7.6/7.7 + load generator 0.2; 8.3 / 8.0 = 104%.
+    assert (
+        "| m | 8.00 (7.69-8.33) | 0.500 (0.500-0.500) | 7.600 (7.500-7.700) | 0.200 (0.200-0.200) "
+        "| 8.30 (8.20-8.40) | 104% | 3.0 (3.0-3.0)% |"
+    ) in table
+    # A run whose server was not started here (--url) has no server CPU: the parts stay empty.
+    results = _results()
+    for level in results["served"]["levels"]:
+        level["server_cpu"] = None
+    assert "| m | 8.00 (7.69-8.33) | - | - | 0.200 (0.200-0.200) | - | - | - |" in report.cpu_table(results)
+
+
 # --- end to end ------------------------------------------------------------------------------------------
 
 
@@ -203,8 +225,24 @@ def test_quick_bench_writes_report_chart_tables_and_load_files(built_repository,
     assert row["model"] == MODEL and row["served_over_inprocess"]["median"] > 0 and row["served_p50_ms"] > 0
     assert {level["level"] for level in results["served"]["levels"]} == {1, 4}
     assert len(results["guideline1"]) == 4 and len(results["decomposition"]) == 2
+    # The server was started here: each level says what its threads cost per request, from /proc. The
+    # inference threads do the decoding and the inference, far more than the event loop.
+    for level in results["served"]["levels"]:
+        cpu = level["server_cpu"]
+        assert 0 < cpu["event_loop_ms_per_request"] < cpu["other_threads_ms_per_request"], level
+        assert 0 <= cpu["machine_idle_percent"] <= 100
+    for row in results["pipeline_throughput"]:
+        assert row["cpu_ms_per_request"] > 0
     text = (out / "report.md").read_text()
-    for heading in ("## Summary", "## (a)", "## (b)", "## Reduced precision", "guideline 1", "operator kind"):
+    for heading in (
+        "## Summary",
+        "## (a)",
+        "## (b)",
+        "## Where the served path's CPU goes",
+        "## Reduced precision",
+        "guideline 1",
+        "operator kind",
+    ):
         assert heading in text
 
 
