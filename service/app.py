@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service import scheduling
 from service.auth import BearerAuth
 from service.config import Settings
 from service.errors import InternalError, ServiceError, validation_message
@@ -66,7 +67,7 @@ def create_app(settings: Settings, *, runtime_loader: RuntimeLoader = load_runti
             metrics,
             max_image_pixels=settings.max_image_pixels,
         )
-        loading = asyncio.create_task(repository.load_all(), name="load-models")
+        loading = asyncio.create_task(_load_models(repository, settings), name="load-models")
         try:
             yield
         finally:
@@ -104,6 +105,14 @@ def create_app(settings: Settings, *, runtime_loader: RuntimeLoader = load_runti
         app.add_middleware(BearerAuth, token=token)
     app.add_middleware(RequestContext, metrics=metrics)
     return app
+
+
+async def _load_models(repository: ModelRepository, settings: Settings) -> None:
+    await repository.load_all()
+    # Only now: threads inherit the policy of the thread that starts them, and the inference threads
+    # (started by the load, on this thread) keep the default one.
+    if not settings.event_loop_preempts and scheduling.stop_preempting():
+        log.info("event loop thread: SCHED_BATCH, it waits for a free core (EVENT_LOOP_PREEMPTS=false)")
 
 
 def error_response(error: ServiceError) -> JSONResponse:

@@ -41,6 +41,9 @@ def serving_settings(repository: Path, **overrides: object) -> Settings:
         "intra_op_threads": 1,
         "inter_op_threads": 1,
         "decode_threads": 2,
+        # The test process's own threads keep the default policy (tests/test_server.py checks the
+        # service's default in a process of its own).
+        "event_loop_preempts": True,
         "warmup": True,
         "log_level": "INFO",
         "log_format": "json",
@@ -192,6 +195,7 @@ _SERVICE_VARIABLES = frozenset(
         "MAX_QUEUE_DELAY_MS",
         "MAX_QUEUE_SIZE",
         "MAX_CONCURRENT_BATCHES",
+        "EVENT_LOOP_PREEMPTS",
         "REQUEST_TIMEOUT_S",
         "MAX_BODY_BYTES",
         "BODY_READ_TIMEOUT_S",

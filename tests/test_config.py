@@ -35,7 +35,7 @@ def test_batching_defaults_depend_on_the_backend_and_settings_win(monkeypatch):
     defaults = load_settings()
     cpu = defaults.batching_for("onnxruntime-cpu")
     assert (cpu.max_batch_size, cpu.max_queue_delay_ms) == (CPU_BATCHING.max_batch_size, 0.0)
-    assert cpu.max_concurrent_batches == cpu_count()  # 0 in the table: one per core
+    assert cpu.max_concurrent_batches == cpu_count() + 1  # 0 in the table: one per core, plus one
     assert defaults.batching_for("onnxruntime-cuda") == GPU_BATCHING
     explicit = load_settings(max_batch_size=8, max_queue_delay_ms=0, max_concurrent_batches=1)
     assert explicit.batching_for("onnxruntime-cuda") == BatchingPolicy(8, 0.0, 1)

@@ -18,9 +18,10 @@ import pytest
 
 from benchmarks.photos import encode, make_corpus, make_photo, photo_jpeg
 from service.app import create_app
+from service.config import cpu_count
 from service.manifest import Manifest
 from tests.fake_repository import RecordingLoader
-from tests.live_server import LiveServer, ServiceProcess, serving_settings, wait_ready
+from tests.live_server import LiveServer, ServiceProcess, ready_service, serving_settings, wait_ready
 from tests.reference_pipeline import assert_matches_reference
 
 JPEG = photo_jpeg(500, 375, seed=1)
@@ -255,6 +256,25 @@ def test_python_m_service_refuses_a_bad_setting(tmp_path):
     service = ServiceProcess({"MAX_BATCH_SIZE": "zero"}, tmp_path / "service.log")
     assert service.wait(30) == 2
     assert "MAX_BATCH_SIZE" in service.output()
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
+def test_once_loaded_the_event_loop_waits_for_a_free_core_and_the_inference_threads_do_not(
+    fake_repo, tmp_path
+):
+    def policies(pid: int) -> dict[int, int]:
+        return {int(tid): os.sched_getscheduler(int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
+
+    with ready_service(fake_repo, tmp_path / "default.log") as service:
+        threads = policies(service.process.pid)
+        # The main thread runs the event loop; it was marked once the models were loaded.
+        assert threads[service.process.pid] == os.SCHED_BATCH
+        # Two models, one inference thread per core plus one each (CPU default), all started by the
+        # event loop's thread before that: none inherited its policy.
+        inference_threads = 2 * (cpu_count() + 1)
+        assert list(threads.values()).count(os.SCHED_OTHER) >= inference_threads, threads
+    with ready_service(fake_repo, tmp_path / "preempts.log", EVENT_LOOP_PREEMPTS="true") as service:
+        assert set(policies(service.process.pid).values()) == {os.SCHED_OTHER}
 
 
 # --- correctness of the four default models end to end -------------------------------------------
