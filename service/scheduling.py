@@ -9,12 +9,13 @@ core comes free (an inference thread waiting for the GIL, or at the end of a tim
 handles every event that has arrived in the meantime. When a core is idle (light load) a waking
 SCHED_BATCH thread takes it at once, so a lone request waits no longer.
 
-Measured on 2 cores at concurrency 16 (alternating rounds, with one inference thread more than
-there are cores, the CPU default): the event loop's CPU per request fell from 0.49-0.59 to 0.41-0.51
-ms, the machine's idle share from 2-3.4% to 1-1.6%, and requests/s rose 2-5% (ShuffleNet v1 and v2,
-MobileNet v2); against the previous defaults (one thread per core, a preempting loop) ShuffleNet v1
-went from 229.5 to 249.9 req/s. p50 at concurrency 1 unchanged. With one inference thread per core,
-the loop waiting its turn left cores idle (3.5-4.9%) and gained nothing.
+Measured on 2 cores at concurrency 16, alternating rounds, three inference threads per model (the
+CPU default), ShuffleNet v1: with the loop preempting, 233-245 req/s, 0.53-0.55 ms of the loop's CPU
+per request and 1.9-2.4% of the cores idle; with the loop waiting its turn, 258-259 req/s, 0.41-0.46
+ms and 1.4-1.6% (two of three rounds; the third was disturbed). Against the previous defaults (two
+threads, a preempting loop): ShuffleNet v1 229.5 -> 249.9 req/s (median of 3), ShuffleNet v2 and
+MobileNet v2 +2-7% a round. p50 at concurrency 1 unchanged. With two inference threads, the loop
+waiting its turn left cores idle (3.5-4.9%) and gained nothing.
 """
 
 from __future__ import annotations
