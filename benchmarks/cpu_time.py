@@ -18,6 +18,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+# What CpuTimes.per_request reports, by name (results.json and the report read them back).
+PER_REQUEST_KEYS = ("event_loop_ms_per_request", "other_threads_ms_per_request", "machine_idle_percent")
 _TICKS_PER_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -43,11 +45,12 @@ class CpuTimes:
         machine = self.machine_busy_s + self.machine_idle_s
         if requests <= 0 or machine <= 0:
             return None
-        return {
-            "event_loop_ms_per_request": 1000 * self.main_thread_s / requests,
-            "other_threads_ms_per_request": 1000 * (self.process_s - self.main_thread_s) / requests,
-            "machine_idle_percent": 100 * self.machine_idle_s / machine,
-        }
+        values = (
+            1000 * self.main_thread_s / requests,
+            1000 * (self.process_s - self.main_thread_s) / requests,
+            100 * self.machine_idle_s / machine,
+        )
+        return dict(zip(PER_REQUEST_KEYS, values, strict=True))
 
 
 def read(pid: int) -> CpuTimes | None:

@@ -14,12 +14,12 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from benchmarks import cpu_time
 from benchmarks.experiments import decomposition, guideline1
 
 REPORT_FILE = "report.md"
 CHART_FILE = "latency_vs_flops.png"
 RESULTS_FILE = "results.json"
-SERVER_CPU_KEYS = ("event_loop_ms_per_request", "other_threads_ms_per_request", "machine_idle_percent")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,7 +65,8 @@ def served_levels(results: dict) -> dict[tuple[str, float], dict]:
             "client_cpu_ms_per_request": _spread([r["client_cpu_us_per_request"] / 1000 for r in runs]),
             "served_cpu_ms_per_request": _spread([_served_cpu_ms(r) for r in runs]),
             "server_cpu": {
-                key: _spread([(r.get("server_cpu") or {}).get(key) for r in runs]) for key in SERVER_CPU_KEYS
+                key: _spread([(r.get("server_cpu") or {}).get(key) for r in runs])
+                for key in cpu_time.PER_REQUEST_KEYS
             },
             "repeats": len(runs),
         }

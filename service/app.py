@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service import scheduling
 from service.auth import BearerAuth
 from service.config import Settings
-from service.errors import InternalError, ServiceError, validation_message
+from service.errors import InternalError, ServiceError, error_body, validation_message
 from service.fair_pool import FairPool
 from service.logs import request_id_var
 from service.metrics import Metrics
@@ -132,7 +132,7 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     # FastAPI's locations start with where the value was ("query", "path", "body"): dropped.
     errors = [{**error, "loc": tuple(error.get("loc", ()))[1:]} for error in exc.errors()]
-    body = {"error": {"code": "invalid_parameter", "message": validation_message(errors)}}
+    body = error_body("invalid_parameter", validation_message(errors))
     return JSONResponse(body, status_code=422)
 
 
@@ -142,7 +142,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         exc.status_code, "internal_error" if exc.status_code >= 500 else "http_error"
     )
     message = exc.detail if exc.status_code != 404 else f"no route {request.method} {request.url.path}"
-    body = {"error": {"code": code, "message": str(message)}}
+    body = error_body(code, str(message))
     return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
 

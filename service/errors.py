@@ -10,6 +10,11 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 
+def error_body(code: str, message: str) -> dict:
+    """The body of every error response (DESIGN.md): ``{"error": {"code": ..., "message": ...}}``."""
+    return {"error": {"code": code, "message": message}}
+
+
 def shown(value: object, limit: int = 80) -> str:
     """``repr(value)`` for an error message, cut to ``limit`` characters: client input is echoed,
     never amplified (a 60 KB model name gets a short answer)."""
@@ -39,7 +44,7 @@ class ServiceError(Exception):
         self.headers = headers or {}
 
     def to_body(self) -> dict:
-        return {"error": {"code": self.code, "message": self.message}}
+        return error_body(self.code, self.message)
 
 
 class InvalidImage(ServiceError):

@@ -20,10 +20,12 @@ import json
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from service.errors import error_body
+
 
 def _closing_error(status_line: bytes, code: str, message: str) -> bytes:
     """A whole response with the service's JSON error body, after which the connection closes."""
-    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    body = json.dumps(error_body(code, message)).encode()
     return (
         b"HTTP/1.1 %s\r\ncontent-type: application/json\r\nconnection: close\r\n"
         b"content-length: %d\r\n\r\n%s" % (status_line, len(body), body)

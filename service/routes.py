@@ -15,7 +15,7 @@ from pydantic_core import to_json
 from starlette.datastructures import QueryParams
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.errors import InvalidParameter, UnknownModel, shown, validation_message
+from service.errors import InvalidParameter, UnknownModel, error_body, shown, validation_message
 from service.http_input import cancel_on_disconnect, read_uploads
 from service.openapi import (
     CLASSIFY_REQUEST,
@@ -139,7 +139,7 @@ async def readyz(request: Request) -> JSONResponse:
     waiting = [f"{name} ({entry['status']})" for name, entry in models.items() if entry["status"] != "ready"]
     message = "not ready: " + ", ".join(waiting)
     return JSONResponse(
-        {"error": {"code": "not_ready", "message": message}, "ready": False, "models": models},
+        {**error_body("not_ready", message), "ready": False, "models": models},
         status_code=503,
     )
 
