@@ -47,9 +47,11 @@ COPY pyproject.toml deploy/requirements.py /tmp/deps/
 RUN python /tmp/deps/requirements.py --pyproject /tmp/deps/pyproject.toml --extra build > /tmp/deps/build.txt \
     && python -m venv /opt/export \
     && /opt/export/bin/pip install --no-cache-dir -r /tmp/deps/build.txt
+COPY contract/ /app/contract/
 COPY models/ /app/models/
 COPY service/ /app/service/
 COPY build_engines.py /app/
+COPY builder/ /app/builder/
 ARG WEIGHTS=auto
 ARG MODELS="mobilenet_v1 mobilenet_v2 shufflenet_v1 shufflenet_v2"
 # hadolint ignore=SC2086
@@ -74,6 +76,7 @@ FROM runtime-venv AS loadgen
 RUN python /tmp/deps/requirements.py --pyproject /tmp/deps/pyproject.toml --extra-if-present bench \
         > /tmp/deps/bench.txt \
     && python -m pip --python /opt/venv/bin/python install --no-cache-dir -r /tmp/deps/bench.txt
+COPY contract/ /app/contract/
 COPY models/ /app/models/
 COPY service/ /app/service/
 COPY benchmarks/ /app/benchmarks/
@@ -111,9 +114,11 @@ RUN python3 /tmp/deps/requirements.py --pyproject /tmp/deps/pyproject.toml --ext
     && python3 -m venv --system-site-packages /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir -r /tmp/deps/gpu.txt
 WORKDIR /app
+COPY contract/ /app/contract/
 COPY models/ /app/models/
 COPY service/ /app/service/
 COPY build_engines.py /app/
+COPY builder/ /app/builder/
 # benchmarks/: the generated calibration photos (int8 builds) and `python -m benchmarks.gpu_selftest`.
 COPY benchmarks/ /app/benchmarks/
 COPY deploy/entrypoint.sh /app/deploy/entrypoint.sh
@@ -156,9 +161,11 @@ RUN python3 /tmp/deps/requirements.py --pyproject /tmp/deps/pyproject.toml > /tm
     && python3 -m venv --system-site-packages /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir -r /tmp/deps/runtime.txt
 WORKDIR /app
+COPY contract/ /app/contract/
 COPY models/ /app/models/
 COPY service/ /app/service/
 COPY build_engines.py /app/
+COPY builder/ /app/builder/
 # benchmarks/: the generated calibration photos (int8 builds) and `python -m benchmarks.gpu_selftest`.
 COPY benchmarks/ /app/benchmarks/
 COPY deploy/entrypoint.sh /app/deploy/entrypoint.sh
@@ -187,13 +194,15 @@ RUN groupadd --system --gid 10001 classifier \
     && useradd --system --uid 10001 --gid 10001 --home-dir /nonexistent --no-create-home \
         --shell /usr/sbin/nologin classifier
 COPY --from=runtime-venv /opt/venv /opt/venv
+COPY contract/ /app/contract/
 COPY models/ /app/models/
 COPY service/ /app/service/
 COPY build_engines.py /app/
+COPY builder/ /app/builder/
 COPY --from=export /export/model_repository/ /app/model_repository/
 # Byte-compile now: the root filesystem is read-only at run time (Kubernetes), and a cold import
 # would otherwise compile on every start.
-RUN /opt/venv/bin/python -m compileall -q /app/models /app/service
+RUN /opt/venv/bin/python -m compileall -q /app/contract /app/models /app/builder /app/service
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONPATH=/app \
     MODEL_REPOSITORY=/app/model_repository

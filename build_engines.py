@@ -11,9 +11,9 @@ whose outputs are up to date (same ONNX file, built from the same variant, weigh
 model code) is skipped unless ``--force``.
 
 ``--precision fp16`` / ``int8`` (one or more) also write ``model.fp16.onnx`` / ``model.int8.onnx`` beside
-it (models/precision.py), with their agreement with fp32 on held-out images in the manifest; the
+it (builder/precision.py), with their agreement with fp32 on held-out images in the manifest; the
 server serves them as ``<name>:fp16`` / ``<name>:int8``. ``--target gpu|jetson`` then builds a TensorRT
-engine per precision into ``<name>/engines/`` on this machine's GPU (models/tensorrt_build.py).
+engine per precision into ``<name>/engines/`` on this machine's GPU (builder/tensorrt.py).
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from models import zoo
-from models.precision import PrecisionError
-from models.tensorrt_build import TensorRTBuildError
-from service.manifest import (
+from builder.precision import PrecisionError
+from builder.tensorrt import TensorRTBuildError
+from contract import zoo
+from contract.manifest import (
     Manifest,
     OnnxFile,
     PreprocessingSpec,
@@ -182,7 +182,7 @@ def _tensorrt_problem() -> str | None:
             f"the TensorRT Python package 'tensorrt' is not importable ({exc}); install TensorRT 10 or 11 "
             "(pip install '.[gpu]' on x86-64, JetPack's python3-libnvinfer on a Jetson)"
         )
-    from models.tensorrt_build import check_version
+    from builder.tensorrt import check_version
 
     try:
         check_version(tensorrt.__version__)
@@ -209,7 +209,7 @@ def _on_jetson() -> bool:
 
 def check_target(args: argparse.Namespace, names: list[str]) -> list[str]:
     """Problems that prevent building for ``args.target`` here (empty: none), each saying what to do."""
-    from models.tensorrt_build import jetson_command
+    from builder.tensorrt import jetson_command
 
     problems: list[str] = []
     if args.target == "jetson" and not _on_jetson():
@@ -232,7 +232,7 @@ def check_target(args: argparse.Namespace, names: list[str]) -> list[str]:
                 "on the machine whose GPU will serve the engines, with the NVIDIA driver installed"
             )
     if args.calibration_images is not None and "int8" in args.precision:
-        from models.precision import image_files
+        from builder.precision import image_files
 
         try:
             image_files(args.calibration_images)
@@ -262,19 +262,16 @@ def tool_versions() -> dict[str, str]:
     }
 
 
-# Modules of models/ that cannot change model.onnx: the summary CLI, and the reduced-precision and
-# TensorRT steps (which record their own inputs beside what they build).
-_NOT_IN_EXPORT = {"__main__.py", "precision.py", "tensorrt_build.py"}
-
-
 def _models_code_digest() -> str:
     # Random-weight builds are reproducible (fixed seed), so an edit of the architectures, the key mapping,
     # the exporter or the cost model is what changes the outputs without changing the variant or the
     # weights: fold that code into the up-to-date check. The summary CLI changes nothing built.
+    import models
+    from builder import export
+
+    sources = [p for p in Path(models.__file__).parent.glob("*.py") if p.name != "__main__.py"]
     digest = hashlib.sha256()
-    for source in sorted(Path(zoo.__file__).parent.glob("*.py")):
-        if source.name in _NOT_IN_EXPORT:
-            continue
+    for source in sorted([*sources, Path(export.__file__)]):
         digest.update(source.name.encode())
         digest.update(source.read_bytes())
     return digest.hexdigest()[:16]
@@ -317,7 +314,8 @@ def build_model(name: str, args: argparse.Namespace, opset: int, tools: dict) ->
     import torch
 
     import models
-    from models import complexity, export, weights
+    from builder import export
+    from models import complexity, weights
 
     spec = zoo.parse(name)
     model_dir = args.out / name
@@ -438,7 +436,7 @@ def _carry_over(model_dir: Path, manifest: Manifest) -> Manifest:
 
 def build_precisions(name: str, args: argparse.Namespace, row: Row) -> None:
     """The reduced-precision variants of one built model, measured and recorded in its manifest."""
-    from models import precision as reduced
+    from builder import precision as reduced
 
     model_dir = args.out / name
     # TensorRT takes only symmetric int8 (and no int32 biases): a GPU build quantizes for it.
@@ -479,7 +477,7 @@ def _variant_line(name: str, variant, status: str) -> str:
 
 def build_tensorrt(name: str, args: argparse.Namespace, row: Row, device, trt_version: str) -> None:
     """One TensorRT engine per requested precision for one built model, recorded in its manifest."""
-    from models import tensorrt_build as trtb
+    from builder import tensorrt as trtb
 
     model_dir = args.out / name
     for precision in args.precision:
@@ -560,13 +558,14 @@ def main(argv: list[str] | None = None) -> int:
             )
         return EXIT_USAGE if args.target == "cpu" else EXIT_FAILED
 
-    from models import export, weights
+    from builder import export
+    from models import weights
 
     device, trt_version = None, ""
     if args.target in ("gpu", "jetson"):
         import tensorrt
 
-        from models.tensorrt_build import detect_device
+        from builder.tensorrt import detect_device
 
         try:
             device = detect_device()

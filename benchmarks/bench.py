@@ -44,8 +44,8 @@ import onnxruntime
 
 from benchmarks import inprocess, load, precision_speed, report
 from benchmarks.experiments import decomposition, guideline1
+from contract.manifest import Manifest
 from service.config import cpu_count
-from service.manifest import Manifest
 
 DEFAULT_MODELS = ("mobilenet_v1", "mobilenet_v2", "shufflenet_v1", "shufflenet_v2")
 REPO = Path(__file__).resolve().parents[1]

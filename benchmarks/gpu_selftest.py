@@ -8,10 +8,10 @@
 
 1. ``build_engines.py --target gpu|jetson --precision fp32 fp16 int8 --max-batch <largest batch>``
    into the repository (skipped with ``--no-build``; what is up to date is not rebuilt).
-2. The project's test images (benchmarks.photos: the corpus plus generated photos), preprocessed as
+2. The project's test images (contract.photos: the corpus plus generated photos), preprocessed as
    the server does, give the reference logits from ONNX Runtime CPU on ``model.onnx`` (fp32).
 3. For each backend (native ``tensorrt``, ``onnxruntime-tensorrt``, ``onnxruntime-cuda``) and each
-   precision: load it as the server would (``service.runtimes.load_runtime``), run the same images,
+   precision: load it as the server would (``service.core.runtimes.load_runtime``), run the same images,
    and compare with the reference: top-1 agreement and max |logit difference|. A backend that does not
    load is reported with the reason, never replaced.
 4. Throughput (images/s) and latency (ms per batch, p50 and p99) at each batch size.
@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.zoo import DEFAULT_MODELS, split_precision
+from contract.zoo import DEFAULT_MODELS, split_precision
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GPU_BACKENDS = ("tensorrt", "onnxruntime-tensorrt", "onnxruntime-cuda")
@@ -113,7 +113,7 @@ def build(args: argparse.Namespace, target: str) -> int:
 
 def test_images(count: int) -> list[bytes]:
     """The project's test pictures: the decodable corpus entries first, then generated photos."""
-    from benchmarks.photos import make_corpus, photo_jpeg
+    from contract.photos import make_corpus, photo_jpeg
 
     blobs = [data for name, data, _ in make_corpus() if not name.startswith(("pixel_", "tall_", "wide_"))]
     seed = 30_000
@@ -124,7 +124,7 @@ def test_images(count: int) -> list[bytes]:
 
 
 def preprocess_all(blobs: list[bytes], manifest) -> np.ndarray:
-    from service.imaging import preprocess
+    from service.core.imaging import preprocess
 
     return np.stack(
         [preprocess(blob, manifest.preprocessing, max_image_pixels=100_000_000) for blob in blobs]
@@ -155,9 +155,9 @@ def measure(runtime, sample: np.ndarray, batch_size: int, seconds: float) -> dic
 
 
 def check_model(args: argparse.Namespace, name: str) -> list[Result]:
-    from models.precision import compare, run_cpu
-    from service.manifest import Manifest
-    from service.runtimes import BackendUnavailable, RuntimeLoadError, RuntimeOptions, load_runtime
+    from builder.precision import compare, run_cpu
+    from contract.manifest import Manifest
+    from service.core.runtimes import BackendUnavailable, RuntimeLoadError, RuntimeOptions, load_runtime
 
     base, _ = split_precision(name)
     model_dir = args.repository / base
@@ -252,7 +252,7 @@ def environment() -> dict[str, str]:
     except ImportError:
         info["tensorrt"] = "not installed"
     try:
-        from models.tensorrt_build import TensorRTBuildError, detect_device
+        from builder.tensorrt import TensorRTBuildError, detect_device
 
         try:
             device = detect_device()

@@ -3,8 +3,8 @@
     python -m benchmarks.inprocess --repository model_repository --models mobilenet_v2 shufflenet_v2
 
 Everything goes through the service's own code: the runtime is the one the server loads
-(``service.runtimes.load_runtime``, same session options), decoding is ``service.imaging.preprocess``
-and the answer is ``service.inference.top_k``. Three measurements:
+(``service.core.runtimes.load_runtime``, same session options), decoding is
+``service.core.imaging.preprocess`` and the answer is ``service.core.ranking.top_k``. Three measurements:
 
 - ``runtime_cost``: the runtime alone on a ready tensor, per batch size and intra-op thread count
   (ms per batch and images/s);
@@ -32,11 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
-from service import imaging
+from contract.manifest import Manifest
 from service.config import Settings, cpu_count
-from service.inference import top_k
-from service.manifest import Manifest
-from service.runtimes import Runtime, RuntimeOptions, load_runtime
+from service.core import imaging
+from service.core.ranking import top_k
+from service.core.runtimes import Runtime, RuntimeOptions, load_runtime
 
 MAX_IMAGE_PIXELS = Settings.model_fields["max_image_pixels"].default
 ARRANGEMENTS = ("shared-session", "session-per-worker")
@@ -282,7 +282,7 @@ def best_throughput(results: Sequence[PipelineThroughput]) -> PipelineThroughput
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.photos import photo_jpeg
+    from contract.photos import photo_jpeg
 
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.inprocess", description=__doc__.splitlines()[0]

@@ -16,7 +16,7 @@ scheduled start, so a server that falls behind cannot hide its queue (no coordin
 
 Each level runs a warm-up first (not counted) and is bounded by ``--duration`` seconds and by
 ``--requests`` requests, whichever comes first. Images: the project's deterministic 500x375 test
-photos (``benchmarks/photos.py``), or every image in ``--images DIR``.
+photos (``contract/photos.py``), or every image in ``--images DIR``.
 
 The generator is one thread running one event loop over plain HTTP/1.1 keep-alive connections, with
 every request's bytes built in advance, so it costs the machine little; it measures the CPU time of
@@ -72,7 +72,7 @@ class Image:
 
 def generated_images(count: int = 8, width: int = 500, height: int = 375) -> list[Image]:
     """``count`` distinct deterministic JPEG photos (seeds 0..count-1)."""
-    from benchmarks.photos import photo_jpeg
+    from contract.photos import photo_jpeg
 
     return [
         Image(f"photo_{seed}.jpg", photo_jpeg(width, height, seed), "image/jpeg") for seed in range(count)

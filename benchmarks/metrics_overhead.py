@@ -3,7 +3,7 @@
 1. The exact metric calls one single-image ``/classify`` makes (request, decode, queue, batch),
    timed in a tight loop: the cost per request in microseconds.
 2. The whole request path in-process (ASGI app, real model, real decode, the real batcher), with the
-   real :class:`service.metrics.Metrics` and with a subclass whose recording methods do nothing,
+   real :class:`service.core.metrics.Metrics` and with a subclass whose recording methods do nothing,
    alternated in rounds so that machine noise hits both alike; medians reported.
 
     python -m benchmarks.metrics_overhead --repository model_repository --model shufflenet_v2
@@ -16,7 +16,7 @@ import statistics
 import time
 from pathlib import Path
 
-from service.metrics import Metrics
+from service.core.metrics import Metrics
 
 
 class NullMetrics(Metrics):
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=6)
     args = parser.parse_args(argv)
 
-    from benchmarks.photos import photo_jpeg
+    from contract.photos import photo_jpeg
 
     cost_us = recording_cost_us(args.model)
     path = request_path_ms(args.repository, args.model, photo_jpeg(500, 375), args.requests, args.rounds)

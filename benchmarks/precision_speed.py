@@ -4,7 +4,7 @@
                                          [--batch N] [--threads N] [--repeats N] [--rounds N]
 
 For every model in the repository with a ``model.fp16.onnx`` / ``model.int8.onnx`` recorded in its
-manifest, each precision is loaded the way the server loads it (``service.runtimes.load_runtime``,
+manifest, each precision is loaded the way the server loads it (``service.core.runtimes.load_runtime``,
 same backend, same thread settings) and timed on the same preprocessed photo: the median latency of
 ``repeats`` runs, taken ``rounds`` times in interleaved order (fp32, fp16, int8, fp32, ...) so that a
 noisy neighbour slows all precisions alike, and the median over rounds is reported with the spread.
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.zoo import split_precision
+from contract.zoo import split_precision
 
 
 @dataclass
@@ -43,7 +43,7 @@ class PrecisionTiming:
 
 def variant_names(repository: Path) -> list[str]:
     """Every servable name in ``repository``, precision builds included (the server's discovery)."""
-    from service.repository import discover
+    from service.core.repository import discover
 
     return discover(Path(repository))
 
@@ -60,10 +60,10 @@ def time_precisions(
     warmup: int = 10,
 ) -> list[PrecisionTiming]:
     """fp32 and every recorded variant of ``model``, timed as described in the module doc."""
-    from benchmarks.photos import photo_jpeg
-    from service.imaging import preprocess
-    from service.manifest import Manifest
-    from service.runtimes import RuntimeOptions, load_runtime
+    from contract.manifest import Manifest
+    from contract.photos import photo_jpeg
+    from service.core.imaging import preprocess
+    from service.core.runtimes import RuntimeOptions, load_runtime
 
     model_dir = Path(repository) / model
     manifest = Manifest.load(model_dir)

@@ -2,15 +2,15 @@
 
 ``models.create(name)`` builds a network in eval mode; ``models.adapt_state_dict(name, sd)`` turns a
 published checkpoint (torchvision or timm layout) into one ``create(name)`` loads strictly.
-The zoo (:mod:`models.zoo`) is torch-free; this module imports torch lazily so that importing
-``models.zoo`` never pulls it in.
+The zoo (:mod:`contract.zoo`) is torch-free; this module imports torch lazily so that importing
+``contract.zoo`` never pulls it in.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from models.zoo import DEFAULT_MODELS, ModelSpec, UnknownModelError, parse
+from contract.zoo import DEFAULT_MODELS, ModelSpec, UnknownModelError, parse
 
 if TYPE_CHECKING:
     from torch import nn

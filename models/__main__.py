@@ -14,7 +14,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from models.zoo import DEFAULT_MODELS, UnknownModelError, all_variants, parse
+from contract.zoo import DEFAULT_MODELS, UnknownModelError, all_variants, parse
 
 _SUMMARY_COLUMNS = (
     # header, key, format

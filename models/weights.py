@@ -3,7 +3,7 @@
 Three concerns live here, in this order:
 
 * the published checkpoints the build step may use (torchvision's and timm's ``mobilenetv1_100``, listed
-  in :data:`models.zoo.PUBLISHED`);
+  in :data:`contract.zoo.PUBLISHED`);
 * a download cache that only ever holds verified files: a download is streamed to a temporary file
   in the cache directory, its SHA-256 checked, and only then renamed into place, so an interrupted or
   tampered download never poisons the cache; a cached file is re-verified before every use;
@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from models import zoo
-from models.zoo import PublishedWeights, parse
-from service.manifest import sha256_of
+from contract import zoo
+from contract.manifest import sha256_of
+from contract.zoo import PublishedWeights, parse
 
 if TYPE_CHECKING:
     import torch
@@ -392,7 +392,7 @@ def calibrate_batchnorm(
 
 
 def _provenance(source: str, *, url=None, path=None, sha256=None, note: str = "") -> dict[str, Any]:
-    # The keys of service.manifest.WeightsProvenance.
+    # The keys of contract.manifest.WeightsProvenance.
     return {"source": source, "url": url, "path": path, "sha256": sha256, "note": note}
 
 

@@ -25,7 +25,7 @@ from prometheus_client import start_http_server
 
 from service.app import create_app
 from service.config import ConfigError, load_settings
-from service.http_protocol import with_header_deadline
+from service.http.protocol import with_header_deadline
 from service.logs import configure_logging
 
 log = logging.getLogger("service")

@@ -26,16 +26,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import scheduling
-from service.auth import BearerAuth
 from service.config import Settings
+from service.core.fair_pool import FairPool
+from service.core.metrics import Metrics
+from service.core.pipeline import Pipeline
+from service.core.repository import ModelRepository, RuntimeLoader, configured_models
+from service.core.runtimes import load_runtime
 from service.errors import InternalError, ServiceError, error_body, validation_message
-from service.fair_pool import FairPool
+from service.http.auth import BearerAuth
+from service.http.routes import classify, router
 from service.logs import request_id_var
-from service.metrics import Metrics
-from service.pipeline import Pipeline
-from service.repository import ModelRepository, RuntimeLoader, configured_models
-from service.routes import classify, router
-from service.runtimes import load_runtime
 
 log = logging.getLogger("service")
 access_log = logging.getLogger("service.access")
@@ -152,7 +152,7 @@ class DirectRoute:
     FastAPI still declares the route (its OpenAPI entry, its 405 for other methods); requests for it
     skip the exception and exit-stack middleware, route matching and dependency resolution, which
     together cost the event loop ~35% of what it does for a /classify request. The handler takes
-    only the Request and validates its own query (service/routes.py), so nothing FastAPI would have
+    only the Request and validates its own query (service/http/routes.py), so nothing FastAPI would have
     done is lost; its ServiceErrors are answered here as the app's exception handler would.
     """
 

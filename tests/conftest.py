@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from models.zoo import DEFAULT_MODELS
+from contract.zoo import DEFAULT_MODELS
 from tests.fake_repository import make_repository
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,8 +18,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from models.zoo import imagenet_labels
-from service.manifest import (
+from contract.manifest import (
     Manifest,
     OnnxFile,
     PreprocessingSpec,
@@ -27,7 +26,8 @@ from service.manifest import (
     WeightsProvenance,
     sha256_of,
 )
-from service.runtimes import Runtime, load_runtime
+from contract.zoo import imagenet_labels
+from service.core.runtimes import Runtime, load_runtime
 
 NUM_CLASSES = 1000
 OPSET = 17

@@ -17,9 +17,9 @@ from pathlib import Path
 import atheris
 
 with atheris.instrument_imports(include=["service", "PIL"]):
+    from contract.manifest import PreprocessingSpec
+    from service.core.imaging import preprocess, sniff_media_type
     from service.errors import ServiceError
-    from service.imaging import preprocess, sniff_media_type
-    from service.manifest import PreprocessingSpec
 
 SPEC = PreprocessingSpec(resize=32, crop=28, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 MAX_PIXELS = 1_000_000
@@ -43,7 +43,7 @@ def seed_corpus(directory: Path) -> None:
     """Tiny valid images of every format: the mutations start from real structure."""
     from PIL import Image
 
-    from benchmarks.photos import encode, make_photo
+    from contract.photos import encode, make_photo
 
     photo = make_photo(24, 18, seed=45)
     samples = {

@@ -15,10 +15,10 @@ import io
 import numpy as np
 from PIL import Image, ImageOps
 
-from service.imaging import DRAFT_MIN_FACTOR
-from service.manifest import PreprocessingSpec
+from contract.manifest import PreprocessingSpec
+from service.core.imaging import DRAFT_MIN_FACTOR
 
-# Where the server decodes a large JPEG at reduced scale (service.imaging.DRAFT_MIN_FACTOR), its
+# Where the server decodes a large JPEG at reduced scale (service.core.imaging.DRAFT_MIN_FACTOR), its
 # tensor may differ from this one by at most these, in normalised units (one 8-bit level is
 # 1 / 255 / std ~= 0.017 for the ImageNet std). Measured worst cases over 24 photos of 1024 to 4096
 # pixels, qualities 75-95, 4:2:0 and 4:4:4, every EXIF orientation: 0.17 and 0.0065.

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.photos import encode, make_photo, photo_jpeg
-from models.zoo import DEFAULT_MODELS
+from contract.photos import encode, make_photo, photo_jpeg
+from contract.zoo import DEFAULT_MODELS
 from tests.live_server import REPO, ServiceProcess, wait_ready
 from tests.workloads import MIB, RawClient, hostile_cases, rss_bytes, write_heavy_model
 

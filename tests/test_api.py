@@ -9,10 +9,10 @@ import shutil
 import numpy as np
 import pytest
 
-from benchmarks.photos import encode, make_photo, photo_jpeg
-from models.zoo import imagenet_labels
+from contract.photos import encode, make_photo, photo_jpeg
+from contract.zoo import imagenet_labels
 from service.app import create_app
-from service.runtimes import load_runtime
+from service.core.runtimes import load_runtime
 from tests.fake_repository import FAKE_MODELS, FakeRuntime, corrupt, make_repository
 from tests.live_server import serving, serving_settings
 from tests.workloads import png_declaring
@@ -69,8 +69,8 @@ def test_classify_a_jpeg(client):
 
 
 def test_scores_are_the_softmax_of_the_runtime_logits(client, fake_repo):
-    from service.imaging import preprocess
-    from service.manifest import Manifest
+    from contract.manifest import Manifest
+    from service.core.imaging import preprocess
 
     manifest = Manifest.load(fake_repo / "mobilenet_v2")
     runtime = load_runtime(fake_repo / "mobilenet_v2", manifest, backend="onnxruntime-cpu")

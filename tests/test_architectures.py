@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import models
-from models import zoo
+from contract import zoo
 from models.layers import ConvBNActivation, channel_shuffle, make_divisible
 from models.mobilenet_v1 import MobileNetV1
 from models.mobilenet_v2 import INVERTED_RESIDUAL_SETTING, MobileNetV2

@@ -9,7 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from service.batcher import Batcher
+from service.core.batcher import Batcher
+from service.core.metrics import Metrics
 from service.errors import (
     InternalError,
     InvalidImage,
@@ -18,7 +19,6 @@ from service.errors import (
     Overloaded,
     RequestTimeout,
 )
-from service.metrics import Metrics
 from tests.fake_repository import FakeRuntime
 
 

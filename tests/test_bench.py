@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from benchmarks import inprocess, report
-from benchmarks.photos import photo_jpeg
+from contract.photos import photo_jpeg
 from tests.conftest import REPO
 
 MODEL = "shufflenet_v2"
@@ -32,7 +32,7 @@ def test_runtime_cost_covers_every_batch_size_and_thread_setting(built_repositor
 
 
 def test_the_in_process_pipeline_gives_the_servers_answer(built_repository):
-    from service.manifest import Manifest
+    from contract.manifest import Manifest
 
     data = photo_jpeg(500, 375, 1)
     manifest = Manifest.load(built_repository / MODEL)

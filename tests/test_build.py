@@ -13,8 +13,9 @@ import torch
 
 import build_engines
 import models
-from models import weights, zoo
-from service.manifest import Manifest, WeightsProvenance, sha256_of
+from contract import zoo
+from contract.manifest import Manifest, WeightsProvenance, sha256_of
+from models import weights
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ["shufflenet_v2_0.5x", "mobilenet_v1_0.25_128"]  # the two quickest to export
@@ -187,7 +188,7 @@ def test_model_selection():
 
 
 def test_parity_failure_fails_the_build_and_publishes_nothing(tmp_path, monkeypatch, capsys):
-    from models import export
+    from builder import export
 
     def fake_export(module, spec, path, opset=export.DEFAULT_OPSET):
         Path(path).write_bytes(b"onnx")

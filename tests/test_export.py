@@ -13,7 +13,9 @@ import torch
 from torch import nn
 
 import models
-from models import export, weights, zoo
+from builder import export
+from contract import zoo
+from models import weights
 from models.layers import channel_shuffle
 
 # The four defaults, then at least one other value of every knob of every family.

@@ -15,7 +15,7 @@ import time
 
 import httpx
 
-from benchmarks.photos import encode, make_photo, photo_jpeg
+from contract.photos import encode, make_photo, photo_jpeg
 from service.app import create_app
 from tests.fake_repository import FakeRuntime, RecordingLoader, corrupt, make_repository
 from tests.live_server import LiveServer, ServiceProcess, serving_settings, wait_ready

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
-from benchmarks.photos import encode, make_photo
+from contract.photos import encode, make_photo
 from service.app import create_app
 from tests.conftest import REPO
 from tests.fake_repository import make_repository

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.photos import photo_jpeg
+from contract.photos import photo_jpeg
 from service.app import create_app
 from tests.fake_repository import make_repository
 from tests.live_server import ServiceProcess, ready_service, serving, serving_settings

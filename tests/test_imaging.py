@@ -1,4 +1,4 @@
-"""service.imaging against the plain reference pipeline, and its behaviour on hostile input."""
+"""service.core.imaging against the plain reference pipeline, and its behaviour on hostile input."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from benchmarks.photos import encode, make_corpus, make_photo, photo_jpeg, png_rgb16, with_orientation
+from contract.manifest import PreprocessingSpec
+from contract.photos import encode, make_corpus, make_photo, photo_jpeg, png_rgb16, with_orientation
+from service.core.imaging import SUPPORTED_MEDIA_TYPES, preprocess, sniff_media_type
 from service.errors import ImageTooLarge, InvalidImage, ServiceError, UnsupportedMediaType
-from service.imaging import SUPPORTED_MEDIA_TYPES, preprocess, sniff_media_type
-from service.manifest import PreprocessingSpec
 from tests.reference_pipeline import (
     DRAFT_MEAN_ABS_DIFF,
     assert_matches_reference,

@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from benchmarks import load
-from service.metrics import LATENCY_BUCKETS_S, Metrics
+from service.core.metrics import LATENCY_BUCKETS_S, Metrics
 from tests.live_server import ServiceProcess, wait_ready
 
 MODEL = "shufflenet_v2"

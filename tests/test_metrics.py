@@ -1,4 +1,4 @@
-"""Unit tests of service/metrics.py: the names DESIGN.md pins, closed label sets, what each call records."""
+"""Unit tests of service/core/metrics.py: the pinned names, closed label sets, what each call records."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.metrics import BATCH_SIZE_BUCKETS, LATENCY_BUCKETS_S, UNKNOWN_MODEL, Metrics
+from service.core.metrics import BATCH_SIZE_BUCKETS, LATENCY_BUCKETS_S, UNKNOWN_MODEL, Metrics
 
 MODELS = ("mobilenet_v1", "mobilenet_v2", "shufflenet_v1", "shufflenet_v2")
 BACKEND = "onnxruntime-cpu"

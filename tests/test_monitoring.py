@@ -33,7 +33,7 @@ import httpx
 import pytest
 import yaml
 
-from models.zoo import DEFAULT_MODELS
+from contract.zoo import DEFAULT_MODELS
 
 REPO = Path(__file__).resolve().parents[1]
 PROMETHEUS_DIR = REPO / "monitoring" / "prometheus"
@@ -325,7 +325,7 @@ def _wait_until(condition, timeout: float, what: str, process: subprocess.Popen,
 
 def _jpegs() -> list[bytes]:
     try:
-        from benchmarks.photos import photo_jpeg
+        from contract.photos import photo_jpeg
     except ImportError:
         photo_jpeg = None
     if photo_jpeg is not None:

@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.photos import encode, make_photo, photo_jpeg
-from service.batcher import Batcher
+from contract.photos import encode, make_photo, photo_jpeg
+from service.core.batcher import Batcher
+from service.core.fair_pool import FairPool
 from service.errors import ModelUnavailable, Overloaded
-from service.fair_pool import FairPool
 from tests.fake_repository import FakeRuntime
 from tests.live_server import ServiceProcess, ready_service
 from tests.workloads import MIB, RawClient, Reply, rss_bytes, write_heavy_model

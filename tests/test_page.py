@@ -16,9 +16,9 @@ import shutil
 import httpx
 import pytest
 
-from benchmarks.photos import encode, make_photo, photo_jpeg
+from contract.manifest import Manifest
+from contract.photos import encode, make_photo, photo_jpeg
 from service.app import create_app
-from service.manifest import Manifest
 from tests.conftest import REPO
 from tests.live_server import LiveServer, serving_settings, wait_ready
 

@@ -1,4 +1,4 @@
-"""Reduced-precision builds (models/precision.py, build_engines.py --precision): real conversions and
+"""Reduced-precision builds (builder/precision.py, build_engines.py --precision): real conversions and
 quantizations, checked with onnx.checker, run in ONNX Runtime CPU, measured against fp32, and served."""
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, numpy_helper
 
-from benchmarks.photos import photo_jpeg, write_photos
-from models import precision
+from builder import precision
+from contract.manifest import Manifest, sha256_of
+from contract.photos import photo_jpeg, write_photos
 from service.app import create_app
-from service.manifest import Manifest, sha256_of
-from service.repository import discover
+from service.core.repository import discover
 from tests.fake_repository import make_repository
 from tests.live_server import serving, serving_settings
 from tests.test_api import assert_error
@@ -56,7 +56,7 @@ def test_variants_are_recorded_with_measured_agreement(variant_repo):
         assert variant.source_sha256 == manifest.onnx.sha256
         assert 0.0 <= variant.top1_agreement <= 1.0
         assert 0.0 < variant.mean_abs_logit_diff <= variant.max_abs_logit_diff
-        assert variant.held_out == "4 generated photos (benchmarks.photos, seeds 20000+)"
+        assert variant.held_out == "4 generated photos (contract.photos, seeds 20000+)"
     fp16, int8 = manifest.precisions
     assert (fp16.onnx.file, int8.onnx.file) == ("model.fp16.onnx", "model.int8.onnx")
     assert fp16.calibration is None and fp16.recipe is None

@@ -6,9 +6,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from service.manifest import Manifest, TensorSpec
-from service.runtimes import BackendUnavailable, RuntimeLoadError, RuntimeOptions, load_runtime
-from service.runtimes.ort import OrtRuntime
+from contract.manifest import Manifest, TensorSpec
+from service.core.runtimes import BackendUnavailable, RuntimeLoadError, RuntimeOptions, load_runtime
+from service.core.runtimes.ort import OrtRuntime
 from tests.fake_repository import corrupt, write_model
 
 

@@ -13,11 +13,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from benchmarks.photos import photo_jpeg
+from contract.photos import photo_jpeg
 from service import __main__ as service_main
-from service import auth
 from service.app import create_app
 from service.config import ConfigError, load_settings
+from service.http import auth
 from service.logs import JsonFormatter
 from tests.live_server import REPO, ServiceProcess, free_socket, serving, serving_settings, wait_ready
 from tests.test_api import assert_error

@@ -16,10 +16,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from benchmarks.photos import encode, make_corpus, make_photo, photo_jpeg
+from contract.manifest import Manifest
+from contract.photos import encode, make_corpus, make_photo, photo_jpeg
 from service.app import create_app
 from service.config import cpu_count
-from service.manifest import Manifest
 from tests.fake_repository import RecordingLoader
 from tests.live_server import LiveServer, ServiceProcess, ready_service, serving_settings, wait_ready
 from tests.reference_pipeline import assert_matches_reference

@@ -17,12 +17,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from models import tensorrt_build as trtb
+from builder import tensorrt as trtb
+from contract.manifest import Engine, Manifest, TensorSpec
 from service.app import create_app
-from service.manifest import Engine, Manifest, TensorSpec
-from service.runtimes import BackendUnavailable, RuntimeLoadError, RuntimeOptions, load_runtime
-from service.runtimes import ort as ort_backend
-from service.runtimes import tensorrt as trt_backend
+from service.core.runtimes import BackendUnavailable, RuntimeLoadError, RuntimeOptions, load_runtime
+from service.core.runtimes import ort as ort_backend
+from service.core.runtimes import tensorrt as trt_backend
 from tests.fake_repository import make_repository, write_model
 from tests.live_server import serving, serving_settings
 from tests.test_api import assert_error
@@ -239,7 +239,7 @@ def test_backend_tensorrt_reports_every_model_unavailable_and_the_server_stays_u
 def test_a_per_model_tensorrt_override_makes_that_model_unavailable_and_the_others_serve(fake_repo):
     """BACKEND=onnxruntime-cpu,mobilenet_v2=tensorrt: mobilenet_v2 is unavailable, with the reason,
     everywhere a user looks; shufflenet_v2 serves on the CPU."""
-    from benchmarks.photos import photo_jpeg
+    from contract.photos import photo_jpeg
 
     settings = serving_settings(fake_repo, backend="onnxruntime-cpu, mobilenet_v2=tensorrt")
     assert settings.backend_for("mobilenet_v2") == "tensorrt"
@@ -334,7 +334,7 @@ def test_provider_lists_follow_the_backend(tmp_path):
 
 
 def test_onnxruntime_tensorrt_refuses_an_int8_model_quantized_for_the_cpu(tmp_path):
-    from service.manifest import OnnxFile, PrecisionVariant
+    from contract.manifest import OnnxFile, PrecisionVariant
 
     model_dir = write_model(tmp_path, "mobilenet_v2")
     manifest = Manifest.load(model_dir)

@@ -18,9 +18,10 @@ import torch
 from torch import nn
 
 import models
-from models import weights, zoo
-from models.zoo import PublishedWeights
-from service.manifest import WeightsProvenance
+from contract import zoo
+from contract.manifest import WeightsProvenance
+from contract.zoo import PublishedWeights
+from models import weights
 
 REPO = Path(__file__).resolve().parents[1]
 STAND_IN = "shufflenet_v2_0.5x"  # a name with published weights; the network is replaced by _TinyNet

@@ -21,8 +21,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from benchmarks.photos import encode, make_photo, photo_jpeg
-from service.manifest import Manifest, sha256_of
+from contract.manifest import Manifest, sha256_of
+from contract.photos import encode, make_photo, photo_jpeg
 from tests.fake_repository import NUM_CLASSES, OPSET, TINY_RESOLUTION, write_model
 
 

@@ -178,9 +178,9 @@ def profile(
         raise ValueError(f"optimization must be one of {OPTIMIZATIONS}, got {optimization!r}")
     import onnxruntime as ort
 
-    from service.manifest import Manifest
-    from service.runtimes.base import RuntimeOptions
-    from service.runtimes.ort import PROVIDERS, OrtRuntime, _session_options
+    from contract.manifest import Manifest
+    from service.core.runtimes.base import RuntimeOptions
+    from service.core.runtimes.ort import PROVIDERS, OrtRuntime, _session_options
 
     model_path = Path(model_path)
     manifest = Manifest.load(model_path.parent)

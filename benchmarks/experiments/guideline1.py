@@ -145,8 +145,8 @@ def runtime_for(model: onnx.ModelProto, intra_op_threads: int = 1):
     """The service's ONNX Runtime backend on ``model``, with the server's session options."""
     import onnxruntime as ort
 
-    from service.runtimes.base import RuntimeOptions
-    from service.runtimes.ort import PROVIDERS, OrtRuntime, _session_options
+    from service.core.runtimes.base import RuntimeOptions
+    from service.core.runtimes.ort import PROVIDERS, OrtRuntime, _session_options
 
     options = _session_options(RuntimeOptions(intra_op_threads=intra_op_threads))
     session = ort.InferenceSession(

@@ -41,7 +41,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.manifest import Engine, Manifest, sha256_of
+from contract.manifest import Engine, Manifest, sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +299,7 @@ def detect_device() -> Device:
 
 
 def _device_from_cuda_python() -> Device:
-    from service.runtimes.tensorrt import cuda_check, import_cudart
+    from service.core.runtimes.tensorrt import cuda_check, import_cudart
 
     cudart = import_cudart()
     count = cuda_check(cudart.cudaGetDeviceCount())

@@ -41,8 +41,8 @@ from PIL import (
     WebPImagePlugin,
 )
 
+from contract.manifest import PreprocessingSpec
 from service.errors import ImageTooLarge, InvalidImage, ServiceError, UnsupportedMediaType
-from service.manifest import PreprocessingSpec
 
 JPEG, PNG, WEBP = "image/jpeg", "image/png", "image/webp"
 BMP, GIF, TIFF = "image/bmp", "image/gif", "image/tiff"

@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from service.manifest import Manifest
-from service.runtimes.base import BackendUnavailable, Runtime, RuntimeLoadError, RuntimeOptions
+from contract.manifest import Manifest
+from service.core.runtimes.base import BackendUnavailable, Runtime, RuntimeLoadError, RuntimeOptions
 
 __all__ = [
     "AUTO_ORDER",
@@ -56,10 +56,10 @@ def _load_one(
     model_dir: Path, manifest: Manifest, backend: str, precision: str, options: RuntimeOptions | None
 ) -> Runtime:
     if backend == "tensorrt":
-        from service.runtimes.tensorrt import TensorRTRuntime
+        from service.core.runtimes.tensorrt import TensorRTRuntime
 
         return TensorRTRuntime.load(model_dir, manifest, precision=precision, options=options)
-    from service.runtimes.ort import PROVIDERS, OrtRuntime
+    from service.core.runtimes.ort import PROVIDERS, OrtRuntime
 
     if backend not in PROVIDERS:
         raise BackendUnavailable(f"unknown backend {backend!r}")

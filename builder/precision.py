@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from models.export import quiet
-from service.manifest import Manifest, OnnxFile, PrecisionVariant, PreprocessingSpec, sha256_of
+from builder.export import quiet
+from contract.manifest import Manifest, OnnxFile, PrecisionVariant, PreprocessingSpec, sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class ImageSet:
 
 
 def _preprocess_all(blobs: Sequence[bytes], spec: PreprocessingSpec) -> np.ndarray:
-    from service.imaging import preprocess
+    from service.core.imaging import preprocess
 
     return np.stack([preprocess(blob, spec, max_image_pixels=100_000_000) for blob in blobs])
 
@@ -78,10 +78,10 @@ def _preprocess_all(blobs: Sequence[bytes], spec: PreprocessingSpec) -> np.ndarr
 def generated_images(spec: PreprocessingSpec, count: int, seed: int) -> np.ndarray:
     """``count`` of the project's generated photos (seeds ``seed ..``), preprocessed for ``spec``."""
     try:
-        from benchmarks.photos import photo_jpeg
+        from contract.photos import photo_jpeg
     except ImportError as exc:  # an image that ships models/ and service/ only
         raise PrecisionError(
-            f"the default calibration photos come from benchmarks/photos.py, which is not importable here "
+            f"the default calibration photos come from contract/photos.py, which is not importable here "
             f"({exc}): pass --calibration-images DIR"
         ) from exc
 
@@ -112,13 +112,13 @@ class ImageSplit:
     @property
     def calibration_description(self) -> str:
         if self.calibration_files is None:
-            return f"{self.calibration_count} generated photos (benchmarks.photos, seeds {CALIBRATION_SEED}+)"
+            return f"{self.calibration_count} generated photos (contract.photos, seeds {CALIBRATION_SEED}+)"
         return f"{len(self.calibration_files)} images from {self.directory}"
 
     @property
     def held_out_description(self) -> str:
         if self.held_out_files is None:
-            return f"{self.held_out_count} generated photos (benchmarks.photos, seeds {HELD_OUT_SEED}+)"
+            return f"{self.held_out_count} generated photos (contract.photos, seeds {HELD_OUT_SEED}+)"
         count = len(self.held_out_files)
         return f"{count} held-out images from {self.directory} (every {HELD_OUT_EVERY}th file)"
 

@@ -41,9 +41,9 @@ from typing import Any
 
 import numpy as np
 
+from service.core.metrics import Metrics
+from service.core.runtimes.base import Runtime
 from service.errors import InternalError, ModelUnavailable, Overloaded, RequestTimeout
-from service.metrics import Metrics
-from service.runtimes.base import Runtime
 
 log = logging.getLogger(__name__)
 

@@ -25,14 +25,14 @@ from typing import TypeVar
 
 import numpy as np
 
-from service import imaging
+from contract.manifest import PreprocessingSpec
+from service.core import imaging
+from service.core.fair_pool import FairPool
+from service.core.metrics import Metrics
+from service.core.ranking import top_k as rank
+from service.core.repository import ServedModel
 from service.errors import ServiceError
-from service.fair_pool import FairPool
-from service.http_input import Upload
-from service.inference import top_k as rank
-from service.manifest import PreprocessingSpec
-from service.metrics import Metrics
-from service.repository import ServedModel
+from service.http.uploads import Upload
 
 T = TypeVar("T")
 

@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from service.manifest import Manifest, OnnxFile, TensorSpec, sha256_of
-from service.runtimes.base import BackendUnavailable, RuntimeLoadError, RuntimeOptions
+from contract.manifest import Manifest, OnnxFile, TensorSpec, sha256_of
+from service.core.runtimes.base import BackendUnavailable, RuntimeLoadError, RuntimeOptions
 
 log = logging.getLogger(__name__)
 

@@ -270,7 +270,7 @@ def all_variants() -> list[str]:
 @cache
 def imagenet_labels() -> tuple[str, ...]:
     """The 1000 ImageNet-1k class names in class-index order."""
-    text = resources.files("models").joinpath("imagenet_classes.txt").read_text(encoding="utf-8")
+    text = resources.files("contract").joinpath("imagenet_classes.txt").read_text(encoding="utf-8")
     labels = tuple(line.strip() for line in text.splitlines() if line.strip())
     assert len(labels) == 1000, f"imagenet_classes.txt has {len(labels)} labels, expected 1000"
     return labels

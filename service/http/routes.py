@@ -15,9 +15,10 @@ from pydantic_core import to_json
 from starlette.datastructures import QueryParams
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.core.pipeline import ImageResult
+from service.core.repository import ServedModel
 from service.errors import InvalidParameter, UnknownModel, error_body, shown, validation_message
-from service.http_input import cancel_on_disconnect, read_uploads
-from service.openapi import (
+from service.http.schemas import (
     CLASSIFY_REQUEST,
     TOP_K_DEFAULT,
     TOP_K_MAX,
@@ -28,8 +29,7 @@ from service.openapi import (
     Readiness,
     error_responses,
 )
-from service.pipeline import ImageResult
-from service.repository import ServedModel
+from service.http.uploads import cancel_on_disconnect, read_uploads
 
 router = APIRouter()
 

@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 from pydantic import ValidationError
 
-from models.zoo import DEFAULT_MODELS, UnknownModelError, split_precision
-from service.batcher import Batcher
+from contract.manifest import MANIFEST_FILE, Manifest
+from contract.zoo import DEFAULT_MODELS, UnknownModelError, split_precision
 from service.config import Settings
+from service.core.batcher import Batcher
+from service.core.metrics import Metrics
+from service.core.runtimes import BackendUnavailable, Runtime, RuntimeLoadError, RuntimeOptions, load_runtime
 from service.errors import ModelUnavailable, UnknownModel, shown
-from service.manifest import MANIFEST_FILE, Manifest
-from service.metrics import Metrics
-from service.runtimes import BackendUnavailable, Runtime, RuntimeLoadError, RuntimeOptions, load_runtime
 
 log = logging.getLogger(__name__)
 

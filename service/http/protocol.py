@@ -6,7 +6,7 @@ slow-loris client): each holds a socket and a file descriptor for as long as it 
 of them lock everyone else out. Here the complete headers of every request must arrive within
 ``HEADER_TIMEOUT_S`` of the connection opening, or of the request's first byte on a kept-alive
 connection; past that the client gets 408 and the connection is closed. (The body has its own
-deadline, ``BODY_READ_TIMEOUT_S``, enforced by the app: service/http_input.py.)
+deadline, ``BODY_READ_TIMEOUT_S``, enforced by the app: service/http/uploads.py.)
 
 A request the HTTP parser cannot read (a bad request line, header or chunk size; Content-Length and
 chunked together) never reaches the app: uvicorn answers it 400 itself, in plain text. Here that

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.imaging import SUPPORTED_MEDIA_TYPES
+from service.core.imaging import SUPPORTED_MEDIA_TYPES
 
 
 class ErrorDetail(BaseModel):
@@ -88,7 +88,7 @@ _IMAGE = {"schema": {"type": "string", "format": "binary"}}
 TOP_K_DEFAULT, TOP_K_MAX = 5, 1000
 
 CLASSIFY_REQUEST: dict[str, Any] = {
-    # Written out because the route reads its query itself (service/routes.py says why).
+    # Written out because the route reads its query itself (service/http/routes.py says why).
     "parameters": [
         {
             "name": "model",

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from service.manifest import Engine, Manifest, sha256_of
-from service.runtimes.base import BackendUnavailable, RuntimeLoadError, RuntimeOptions
+from contract.manifest import Engine, Manifest, sha256_of
+from service.core.runtimes.base import BackendUnavailable, RuntimeLoadError, RuntimeOptions
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ shapes, grain and sensor noise) from a seeded RNG, so JPEG compresses it the way
 photographs and a resize has real detail to average. :func:`make_corpus` covers the formats and
 pixel modes the server must accept.
 
-CLI: ``python -m benchmarks.photos DIR --count N`` writes N JPEGs to DIR.
+CLI: ``python -m contract.photos DIR --count N`` writes N JPEGs to DIR.
 """
 
 from __future__ import annotations

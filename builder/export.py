@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from torch import nn
 
-    from models.zoo import ModelSpec
+    from contract.zoo import ModelSpec
 
 DEFAULT_OPSET = 18
 INPUT_NAME = "input"
