@@ -1,18 +1,18 @@
-"""Every error the API returns, as one exception type with its status code and error code.
+"""Every error the service answers, as one table: a ServiceError subclass per error code.
 
-Routes and lower layers raise these; one exception handler turns them into
-``{"error": {"code": ..., "message": ...}}`` (DESIGN.md, Serving API).
+Each class is one row: its HTTP status, its error code and a one-line description. Routes and lower
+layers raise them; the HTTP front door renders them (service/http/errors.py), documents them in
+``/openapi.json`` (service/http/schemas.py) and names the framework's own errors (unknown route,
+wrong method) after the ``generic`` row of their status. Nothing else restates a status or a code.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
-
-def error_body(code: str, message: str) -> dict:
-    """The body of every error response (DESIGN.md): ``{"error": {"code": ..., "message": ...}}``."""
-    return {"error": {"code": code, "message": message}}
+# error code -> its class; filled as the classes below are defined.
+ERRORS: dict[str, type[ServiceError]] = {}
 
 
 def shown(value: object, limit: int = 80) -> str:
@@ -35,48 +35,106 @@ def validation_message(errors: Iterable[Mapping[str, Any]], field: str | None = 
 
 
 class ServiceError(Exception):
-    status_code: int = 500
-    code: str = "internal_error"
+    """An error answered as ``{"error": {"code": ..., "message": ...}}`` with ``status_code``.
+
+    A subclass that sets ``code`` adds a row to :data:`ERRORS`; ``generic`` marks the row that names
+    any error of its status the HTTP framework raises by itself (at most one per status).
+    """
+
+    status_code: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+    description: ClassVar[str] = "an unexpected failure"
+    generic: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "code" not in cls.__dict__:
+            return  # a refinement of a row, not a row of its own
+        if cls.code in ERRORS:
+            raise TypeError(f"error code {cls.code!r} of {cls.__name__} is {ERRORS[cls.code].__name__}'s")
+        if "description" not in cls.__dict__:
+            raise TypeError(f"{cls.__name__} needs a description")
+        if cls.generic and (taken := generic_error(cls.status_code)) is not None:
+            raise TypeError(f"{cls.__name__} and {taken.__name__} are both generic for {cls.status_code}")
+        ERRORS[cls.code] = cls
 
     def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.headers = headers or {}
 
-    def to_body(self) -> dict:
-        return error_body(self.code, self.message)
+
+def generic_error(status_code: int) -> type[ServiceError] | None:
+    """The row that names an error of this status when nothing more specific is known."""
+    return next((cls for cls in ERRORS.values() if cls.generic and cls.status_code == status_code), None)
+
+
+class BadRequest(ServiceError):
+    status_code, code, generic = 400, "bad_request", True
+    description = "a request that is not valid HTTP/1.1; the connection closes"
 
 
 class InvalidImage(ServiceError):
     status_code, code = 400, "invalid_image"
+    description = "not decodable, truncated, empty, or a malformed multipart body"
+
+
+class Unauthorized(ServiceError):
+    status_code, code, generic = 401, "unauthorized", True
+    description = (
+        "AUTH_TOKEN (or AUTH_TOKEN_FILE) is set and the request has no valid "
+        "'Authorization: Bearer <token>' header (answered with WWW-Authenticate: Bearer)"
+    )
+
+
+class NotFound(ServiceError):
+    status_code, code, generic = 404, "not_found", True
+    description = "no such route"
 
 
 class UnknownModel(ServiceError):
     status_code, code = 404, "unknown_model"
+    description = "no such model (the message lists the served models)"
 
 
-class PayloadTooLarge(ServiceError):
-    status_code, code = 413, "payload_too_large"
+class MethodNotAllowed(ServiceError):
+    status_code, code, generic = 405, "method_not_allowed", True
+    description = "the route does not answer this method"
+
+
+class HeaderTimeout(ServiceError):
+    status_code, code = 408, "header_timeout"
+    description = "the request headers did not arrive within HEADER_TIMEOUT_S; the connection closes"
 
 
 class BodyReadTimeout(ServiceError):
     status_code, code = 408, "body_timeout"
+    description = "the body did not arrive within BODY_READ_TIMEOUT_S; the connection closes"
+
+
+class PayloadTooLarge(ServiceError):
+    status_code, code, generic = 413, "payload_too_large", True
+    description = "the body is over MAX_BODY_BYTES, or has more files than the model's queue holds"
 
 
 class ImageTooLarge(ServiceError):
     status_code, code = 413, "image_too_large"
+    description = "the image has more pixels than MAX_IMAGE_PIXELS (read from its header, never decoded)"
 
 
 class UnsupportedMediaType(ServiceError):
     status_code, code = 415, "unsupported_media_type"
+    description = "a declared type or recognised format this service does not decode"
 
 
 class InvalidParameter(ServiceError):
     status_code, code = 422, "invalid_parameter"
+    description = "a query parameter out of range or missing, or no `file` part"
 
 
 class Overloaded(ServiceError):
     status_code, code = 429, "overloaded"
+    description = "the model's places are all taken; retry after Retry-After seconds"
 
 
 class ClientDisconnected(ServiceError):
@@ -86,15 +144,31 @@ class ClientDisconnected(ServiceError):
     """
 
     status_code, code = 499, "client_disconnected"
+    description = "the client went away before its answer (counted in logs and metrics, never sent)"
 
 
 class InternalError(ServiceError):
-    status_code, code = 500, "internal_error"
+    status_code, code, generic = 500, "internal_error", True
+    description = "an unexpected failure, e.g. of inference (the message carries an error id for the log)"
 
 
 class ModelUnavailable(ServiceError):
     status_code, code = 503, "model_unavailable"
+    description = "the model is not loaded, failed, or the server is stopping"
+
+
+class NotReady(ServiceError):
+    status_code, code = 503, "not_ready"
+    description = "a configured model is not loaded and warmed up yet (the body names each one)"
 
 
 class RequestTimeout(ServiceError):
     status_code, code = 504, "timeout"
+    description = "the request deadline (REQUEST_TIMEOUT_S) passed before its batch ran"
+
+
+class OtherHTTPError(ServiceError):
+    """Any other 4xx the framework raises by itself: rendered under the status it chose."""
+
+    status_code, code = 400, "http_error"
+    description = "another client error that the HTTP framework answered by itself (none is expected)"

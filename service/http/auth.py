@@ -10,22 +10,18 @@ from __future__ import annotations
 
 import hmac
 
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.errors import ServiceError
+from service.errors import Unauthorized
+from service.http.errors import error_response
 
 OPEN_PATHS = frozenset({"/", "/healthz", "/readyz"})
 REALM = "classifier"
 
 
-class Unauthorized(ServiceError):
-    status_code = 401
-    code = "unauthorized"
-
-    def __init__(self, message: str, *, invalid: bool) -> None:
-        challenge = f'Bearer realm="{REALM}"' + (', error="invalid_token"' if invalid else "")
-        super().__init__(message, headers={"WWW-Authenticate": challenge})
+def _unauthorized(message: str, *, invalid: bool) -> Unauthorized:
+    challenge = f'Bearer realm="{REALM}"' + (', error="invalid_token"' if invalid else "")
+    return Unauthorized(message, headers={"WWW-Authenticate": challenge})
 
 
 class BearerAuth:
@@ -44,16 +40,15 @@ class BearerAuth:
             return
         given = bearer_token(scope)
         if given is None:
-            error = Unauthorized(
+            error = _unauthorized(
                 "this server needs a bearer token: send 'Authorization: Bearer <token>'", invalid=False
             )
         elif not hmac.compare_digest(given, self._token):
-            error = Unauthorized("the bearer token is not valid", invalid=True)
+            error = _unauthorized("the bearer token is not valid", invalid=True)
         else:
             await self.app(scope, receive, send)
             return
-        response = JSONResponse(error.to_body(), status_code=error.status_code, headers=error.headers)
-        await response(scope, receive, send)
+        await error_response(error)(scope, receive, send)
 
 
 def bearer_token(scope: Scope) -> bytes | None:

@@ -16,35 +16,27 @@ answer has the JSON error body every other error of the service has.
 from __future__ import annotations
 
 import asyncio
-import json
+import functools
+from collections.abc import Callable
+from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from service.errors import error_body
+from service.errors import BadRequest, HeaderTimeout
+from service.http.errors import closing_response
 
-
-def _closing_error(status_line: bytes, code: str, message: str) -> bytes:
-    """A whole response with the service's JSON error body, after which the connection closes."""
-    body = json.dumps(error_body(code, message)).encode()
-    return (
-        b"HTTP/1.1 %s\r\ncontent-type: application/json\r\nconnection: close\r\n"
-        b"content-length: %d\r\n\r\n%s" % (status_line, len(body), body)
-    )
-
-
-_TIMEOUT_RESPONSE = _closing_error(
-    b"408 Request Timeout", "header_timeout", "the request headers did not arrive in time"
-)
-_MALFORMED_RESPONSE = _closing_error(
-    b"400 Bad Request", "bad_request", "malformed HTTP request: it cannot be parsed as HTTP/1.1"
-)
+_TIMEOUT_RESPONSE = closing_response(HeaderTimeout("the request headers did not arrive in time"))
+_MALFORMED_RESPONSE = closing_response(BadRequest("malformed HTTP request: it cannot be parsed as HTTP/1.1"))
 
 
 class HeaderDeadlineProtocol(HttpToolsProtocol):
-    """One connection; ``header_timeout_s`` is set by :func:`with_header_deadline`."""
+    """One connection, whose requests' headers must each arrive within ``header_timeout_s``."""
 
-    header_timeout_s: float = 10.0
     _header_deadline: asyncio.TimerHandle | None = None
+
+    def __init__(self, *args: Any, header_timeout_s: float, **kwargs: Any) -> None:
+        self.header_timeout_s = header_timeout_s
+        super().__init__(*args, **kwargs)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -83,6 +75,7 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
             self.transport.close()
 
 
-def with_header_deadline(timeout_s: float) -> type[HeaderDeadlineProtocol]:
-    """The protocol class to hand uvicorn (``Config(http=...)``), with this header deadline."""
-    return type("HeaderDeadlineProtocol", (HeaderDeadlineProtocol,), {"header_timeout_s": timeout_s})
+def with_header_deadline(timeout_s: float) -> Callable[..., HeaderDeadlineProtocol]:
+    """The protocol factory to hand uvicorn (``Config(http=...)``), with this header deadline: uvicorn
+    calls whatever it is given with the connection's keyword arguments, as it would a class."""
+    return functools.partial(HeaderDeadlineProtocol, header_timeout_s=timeout_s)

@@ -1,117 +1,42 @@
-"""HTTP routes: validate, delegate, encode. The work happens in the pipeline and the repository."""
+"""The routes besides /classify (service/http/classify.py): the models, the probes, the metrics and the
+page. Each reads the repository's state and answers it; none does work of its own."""
 
 from __future__ import annotations
 
-import time
 from functools import cache
 from importlib import resources
-from typing import Annotated
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import Field, TypeAdapter, ValidationError
-from pydantic_core import to_json
-from starlette.datastructures import QueryParams
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.core.pipeline import ImageResult
 from service.core.repository import ServedModel
-from service.errors import InvalidParameter, UnknownModel, error_body, shown, validation_message
+from service.errors import NotFound, NotReady, Unauthorized, UnknownModel, shown
+from service.http.errors import error_response
 from service.http.schemas import (
-    CLASSIFY_REQUEST,
-    TOP_K_DEFAULT,
-    TOP_K_MAX,
-    Classification,
     Health,
     ModelEntry,
     ModelList,
+    ModelReadiness,
     Readiness,
+    describe_errors,
     error_responses,
 )
-from service.http.uploads import cancel_on_disconnect, read_uploads
 
 router = APIRouter()
 
 
-class FastJSONResponse(JSONResponse):
-    """JSON encoded by pydantic-core (compiled) rather than the json module: a fifth of the time,
-    and every /classify answer is encoded on the event loop."""
-
-    def render(self, content: object) -> bytes:
-        return to_json(content)
-
-
-@router.post(
-    "/classify",
-    summary="Classify one image (raw body) or several (multipart `file` parts)",
-    openapi_extra=CLASSIFY_REQUEST,
-    responses={
-        200: {"model": Classification},
-        **error_responses(400, 401, 404, 408, 413, 415, 422, 429, 500, 503, 504),
-    },
-)
-async def classify(request: Request) -> JSONResponse:
-    started = time.monotonic()
-    model, top_k = classify_query(request.query_params)
-    request.state.model = model  # the metrics' label (service/app.py, RequestContext)
-    state = request.app.state
-    settings = state.settings
-    served = state.repository.get(model)
-    # A place in the model's line before anything is read or decoded: 429 at the door.
-    with served.batcher.admit():
-        uploads = await read_uploads(
-            request,
-            settings.max_body_bytes,
-            max_files=served.batcher.max_queue_size,
-            timeout_s=settings.body_read_timeout_s,
-        )
-        work = state.pipeline.classify(
-            served,
-            uploads,
-            top_k=top_k,
-            deadline=started + settings.request_timeout_s,
-            request_id=request.state.request_id,
-        )
-        results = await cancel_on_disconnect(request, work)
-    total_s = time.monotonic() - started
-    body: dict = {"model": served.name, "backend": served.runtime.name}
-    multipart = request.headers.get("content-type", "").lower().startswith("multipart/")
-    if not multipart:
-        body["predictions"] = results[0].predictions
-    else:
-        body["results"] = [{"filename": r.filename, "predictions": r.predictions} for r in results]
-    body["timings_ms"] = _timings_ms(results, total_s)
-    return FastJSONResponse(body)
-
-
-# The query of every /classify request is read here rather than declared as FastAPI parameters:
-# FastAPI's dependency resolution cost the event loop ~0.1 ms per request (a tenth of all it does
-# for one), and this is the hot path. The same pydantic validation gives the same answers.
-_TOP_K = TypeAdapter(Annotated[int, Field(ge=1, le=TOP_K_MAX)])
-
-
-def classify_query(query: QueryParams) -> tuple[str, int]:
-    """``model`` and ``top_k`` from a /classify query (422 when missing or invalid)."""
-    model = query.get("model")
-    if model is None:
-        raise InvalidParameter("model: Field required")
-    top_k = query.get("top_k")
-    if top_k is None:
-        return model, TOP_K_DEFAULT
-    try:
-        return model, _TOP_K.validate_python(top_k)
-    except ValidationError as exc:
-        raise InvalidParameter(validation_message(exc.errors(), "top_k")) from None
-
-
-@router.get("/models", responses={200: {"model": ModelList}, **error_responses(401)})
+@router.get("/models", responses={200: {"model": ModelList}, **error_responses(Unauthorized)})
 async def list_models(request: Request) -> JSONResponse:
     models = request.app.state.repository.models.values()
     return JSONResponse({"models": [describe(model, detail=False) for model in models]})
 
 
-@router.get("/models/{name}", responses={200: {"model": ModelEntry}, **error_responses(401, 404)})
+@router.get(
+    "/models/{name}",
+    responses={200: {"model": ModelEntry}, **error_responses(Unauthorized, UnknownModel, NotFound)},
+)
 async def get_model(request: Request, name: str) -> JSONResponse:
     repository = request.app.state.repository
     model = repository.models.get(name)
@@ -120,34 +45,38 @@ async def get_model(request: Request, name: str) -> JSONResponse:
     return JSONResponse(describe(model, detail=True))
 
 
-@router.get("/healthz", responses={200: {"model": Health}})
+@router.get("/healthz", responses={200: {"model": Health}, **error_responses()})
 async def healthz() -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
 @router.get(
-    "/readyz", responses={200: {"model": Readiness}, 503: {"model": Readiness, "description": "not ready"}}
+    "/readyz",
+    responses={
+        200: {"model": Readiness},
+        **error_responses(),
+        NotReady.status_code: {"model": Readiness, "description": describe_errors(NotReady)},
+    },
 )
 async def readyz(request: Request) -> JSONResponse:
     repository = request.app.state.repository
-    models = {
+    models: dict[str, ModelReadiness] = {
         model.name: {"status": model.status.value, **({"reason": model.reason} if model.reason else {})}
         for model in repository.models.values()
     }
     if repository.ready:
         return JSONResponse({"ready": True, "models": models})
     waiting = [f"{name} ({entry['status']})" for name, entry in models.items() if entry["status"] != "ready"]
-    message = "not ready: " + ", ".join(waiting)
-    return JSONResponse(
-        {**error_body("not_ready", message), "ready": False, "models": models},
-        status_code=503,
-    )
+    return error_response(NotReady("not ready: " + ", ".join(waiting)), ready=False, models=models)
 
 
 @router.get(
     "/metrics",
     response_class=Response,
-    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus"}},
+    responses={
+        200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus"},
+        **error_responses(Unauthorized, NotFound),
+    },
 )
 async def metrics(request: Request) -> Response:
     if request.app.state.settings.metrics_port is not None:
@@ -214,21 +143,6 @@ def describe(model: ServedModel, *, detail: bool) -> dict:
         if providers:
             entry["providers"] = list(providers)
     return entry
-
-
-def _timings_ms(results: list[ImageResult], total_s: float) -> dict[str, float]:
-    # Images of one request decode and queue side by side: each stage lasted as long as its slowest.
-    decode_s, queue_s, inference_s = results[0].decode_s, results[0].queue_s, results[0].inference_s
-    for result in results[1:]:
-        decode_s = max(decode_s, result.decode_s)
-        queue_s = max(queue_s, result.queue_s)
-        inference_s = max(inference_s, result.inference_s)
-    return {
-        "decode": round(decode_s * 1000, 3),
-        "queue": round(queue_s * 1000, 3),
-        "inference": round(inference_s * 1000, 3),
-        "total": round(total_s * 1000, 3),
-    }
 
 
 @cache

@@ -1,55 +1,70 @@
-"""What ``/openapi.json`` says about each route: the raw-image and multipart request bodies of
-``/classify``, every response body, and every error a route can return, in the one error shape.
+"""The response bodies, as the types ``/openapi.json`` shows, and the documented errors of each route.
 
-The handlers build their JSON by hand (``JSONResponse``); these models only document it, and the
-API fuzz test (tests/test_fuzz.py) holds the server's answers to them.
+``Classification`` is what ``/classify`` encodes its answer with (service/http/classify.py), so the
+schema and the bytes cannot drift apart. The other bodies are built by their routes as plain dicts
+of these shapes; the API fuzz test (tests/test_fuzz.py) holds every answer to its schema. Every
+error is ``{"error": {"code": ..., "message": ...}}``, its code one of the table's
+(service/errors.py), from which the error responses below are derived.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import (
+    Annotated,
+    Any,
+    NotRequired,  # pydantic needs these on Python < 3.12
+)
 
 from pydantic import BaseModel, ConfigDict, Field
+from typing_extensions import TypedDict
 
-from service.core.imaging import SUPPORTED_MEDIA_TYPES
+from service.errors import (
+    ERRORS,
+    BadRequest,
+    HeaderTimeout,
+    InternalError,
+    Overloaded,
+    ServiceError,
+    Unauthorized,
+)
 
 
-class ErrorDetail(BaseModel):
-    code: str = Field(description="machine-readable, e.g. invalid_image, unknown_model, overloaded")
-    message: str = Field(description="what went wrong, for a person")
+class ErrorDetail(TypedDict):
+    code: Annotated[str, Field(description="machine-readable", json_schema_extra={"enum": list(ERRORS)})]
+    message: Annotated[str, Field(description="what went wrong, for a person")]
 
 
-class ErrorBody(BaseModel):
+class ErrorBody(TypedDict):
     """Every error: ``{"error": {"code": ..., "message": ...}}``."""
 
     error: ErrorDetail
 
 
-class Prediction(BaseModel):
+class Prediction(TypedDict):
     class_id: int
     label: str
-    score: float = Field(ge=0, le=1)
+    score: Annotated[float, Field(ge=0, le=1)]
 
 
-class Timings(BaseModel):
+class Timings(TypedDict):
     decode: float
     queue: float
     inference: float
     total: float
 
 
-class FileResult(BaseModel):
+class FileResult(TypedDict):
     filename: str | None
     predictions: list[Prediction]
 
 
-class Classification(BaseModel):
+class Classification(TypedDict):
     """A raw-body request answers with ``predictions``; a multipart one with ``results``, one per file."""
 
     model: str
     backend: str
-    predictions: list[Prediction] | None = None
-    results: list[FileResult] | None = None
+    predictions: NotRequired[list[Prediction]]
+    results: NotRequired[list[FileResult]]
     timings_ms: Timings
 
 
@@ -66,100 +81,63 @@ class ModelList(BaseModel):
     models: list[ModelEntry]
 
 
-class ModelReadiness(BaseModel):
+class ModelReadiness(TypedDict):
     status: str
-    reason: str | None = None
+    reason: NotRequired[str]
 
 
-class Readiness(BaseModel):
+class Readiness(TypedDict):
     """200 when every model is ready; 503 (with an ``error``) naming those that are not."""
 
     ready: bool
     models: dict[str, ModelReadiness]
-    error: ErrorDetail | None = None
+    error: NotRequired[ErrorDetail]
 
 
-class Health(BaseModel):
+class Health(TypedDict):
     status: str
 
 
-_IMAGE = {"schema": {"type": "string", "format": "binary"}}
+# Errors any request can meet, whatever its route: the HTTP parser's own (a malformed request, headers
+# too slow) and the last-resort 500.
+_ANY_REQUEST: tuple[type[ServiceError], ...] = (BadRequest, HeaderTimeout, InternalError)
 
-TOP_K_DEFAULT, TOP_K_MAX = 5, 1000
-
-CLASSIFY_REQUEST: dict[str, Any] = {
-    # Written out because the route reads its query itself (service/http/routes.py says why).
-    "parameters": [
-        {
-            "name": "model",
-            "in": "query",
+_HEADERS: dict[type[ServiceError], dict[str, Any]] = {
+    Overloaded: {
+        "Retry-After": {
+            "description": "seconds to wait before retrying",
             "required": True,
-            "description": "model name, e.g. shufflenet_v2",
-            "schema": {"type": "string", "title": "Model"},
-        },
-        {
-            "name": "top_k",
-            "in": "query",
-            "required": False,
-            "description": "how many classes to return",
-            "schema": {
-                "type": "integer",
-                "minimum": 1,
-                "maximum": TOP_K_MAX,
-                "default": TOP_K_DEFAULT,
-                "title": "Top K",
-            },
-        },
-    ],
-    "requestBody": {
-        "required": True,
-        "description": "the image bytes (the type is sniffed from them), or multipart/form-data "
-        "with one or more `file` parts",
-        "content": {
-            **{media_type: _IMAGE for media_type in (*SUPPORTED_MEDIA_TYPES, "application/octet-stream")},
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {
-                        "file": {"type": "array", "items": {"type": "string", "format": "binary"}}
-                    },
-                    "required": ["file"],
-                },
-            },
-        },
+            "schema": {"type": "integer", "minimum": 1},
+        }
+    },
+    Unauthorized: {
+        "WWW-Authenticate": {
+            "description": 'the Bearer challenge (with error="invalid_token" for a wrong token)',
+            "required": True,
+            "schema": {"type": "string"},
+        }
     },
 }
 
-_ERRORS = {
-    400: "invalid_image: not decodable, truncated, empty, or a malformed multipart body",
-    401: "unauthorized: AUTH_TOKEN (or AUTH_TOKEN_FILE) is set and the request has no valid "
-    "'Authorization: Bearer <token>' header (with WWW-Authenticate: Bearer)",
-    404: "unknown_model (the message lists the served models), or no such route",
-    408: "body_timeout: the body did not arrive within BODY_READ_TIMEOUT_S; the connection closes",
-    413: "payload_too_large (body over MAX_BODY_BYTES, or more files than the queue holds) or "
-    "image_too_large (pixels over MAX_IMAGE_PIXELS, from the header)",
-    415: "unsupported_media_type: a declared type or recognised format this service does not decode",
-    422: "invalid_parameter: a query parameter out of range or missing, or no `file` part",
-    429: "overloaded: the model's places are all taken; retry after Retry-After seconds",
-    500: "internal_error: inference failed (the message carries an error id to find in the log)",
-    503: "model_unavailable: the model is not loaded, failed, or the server is stopping",
-    504: "timeout: the request deadline (REQUEST_TIMEOUT_S) passed before its batch ran",
-}
-_RETRY_AFTER = {
-    "Retry-After": {
-        "description": "seconds to wait before retrying",
-        "required": True,
-        "schema": {"type": "integer", "minimum": 1},
-    }
-}
 
-
-def error_responses(*status_codes: int) -> dict[int | str, dict[str, Any]]:
-    """The ``responses=`` entries for these error status codes, each with the error body's schema."""
+def error_responses(*errors: type[ServiceError]) -> dict[int | str, dict[str, Any]]:
+    """The ``responses=`` entries of a route that can answer these errors (and those any request can):
+    one per status, in the error body's schema, naming each code with its description."""
+    by_status: dict[int, list[type[ServiceError]]] = {}
+    for error in (*errors, *_ANY_REQUEST):
+        rows = by_status.setdefault(error.status_code, [])
+        if error not in rows:
+            rows.append(error)
     responses: dict[int | str, dict[str, Any]] = {}
-    for status in status_codes:
-        entry: dict[str, Any] = {"model": ErrorBody, "description": _ERRORS[status]}
-        if status == 429:
-            entry["headers"] = _RETRY_AFTER
+    for status, rows in sorted(by_status.items()):
+        entry: dict[str, Any] = {"model": ErrorBody, "description": describe_errors(*rows)}
+        headers = {name: spec for row in rows for name, spec in _HEADERS.get(row, {}).items()}
+        if headers:
+            entry["headers"] = headers
         responses[status] = entry
     return responses
+
+
+def describe_errors(*errors: type[ServiceError]) -> str:
+    """``code: description`` of each error, for an OpenAPI response's description."""
+    return "; ".join(f"{error.code}: {error.description}" for error in errors)
