@@ -97,9 +97,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def resolve_target(target: str) -> str:
     if target != "auto":
         return target
-    import build_engines
+    from builder.host import on_jetson
 
-    return "jetson" if build_engines._on_jetson() else "gpu"
+    return "jetson" if on_jetson() else "gpu"
 
 
 def build(args: argparse.Namespace, target: str) -> int:
@@ -252,7 +252,8 @@ def environment() -> dict[str, str]:
     except ImportError:
         info["tensorrt"] = "not installed"
     try:
-        from builder.tensorrt import TensorRTBuildError, detect_device
+        from builder.host import detect_device
+        from builder.tensorrt import TensorRTBuildError
 
         try:
             device = detect_device()

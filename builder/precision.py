@@ -22,6 +22,7 @@ Torch-free: the build step runs it after the export, and so may a machine withou
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import os
@@ -33,11 +34,20 @@ from pathlib import Path
 import numpy as np
 
 from builder.export import quiet
-from contract.manifest import Manifest, OnnxFile, PrecisionVariant, PreprocessingSpec, sha256_of
+from contract.manifest import (
+    ONNX_FILES,
+    Manifest,
+    OnnxFile,
+    PrecisionVariant,
+    PreprocessingSpec,
+    file_matches,
+    sha256_of,
+)
 
 log = logging.getLogger(__name__)
 
-VARIANT_FILES = {"fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+# The precisions made from the fp32 model, each into its own file (ONNX_FILES).
+VARIANT_PRECISIONS = tuple(p for p in ONNX_FILES if p != "fp32")
 INT8_RECIPES = ("cpu", "tensorrt")
 # The default calibration and held-out sets: the project's generated photos, disjoint seeds.
 DEFAULT_CALIBRATION_COUNT = 32
@@ -363,9 +373,7 @@ def variant_up_to_date(
             and same_recipe
             and variant.held_out == split.held_out_description
             and variant.tools == variant_tools()
-            and path.is_file()
-            and path.stat().st_size == variant.onnx.bytes
-            and sha256_of(path) == variant.onnx.sha256
+            and file_matches(path, variant.onnx.sha256, variant.onnx.bytes)
         )
     return False
 
@@ -382,14 +390,14 @@ def build_variant(
 
     The caller records the returned variant in the manifest (:func:`with_variant`).
     """
-    if precision not in VARIANT_FILES:
+    if precision not in VARIANT_PRECISIONS:
         raise ValueError(
-            f"precision {precision!r} has no reduced-precision file (one of {list(VARIANT_FILES)})"
+            f"precision {precision!r} has no reduced-precision file (one of {list(VARIANT_PRECISIONS)})"
         )
     model_dir = Path(model_dir)
     split = split or split_images()
     source = model_dir / manifest.onnx.file
-    dest = model_dir / VARIANT_FILES[precision]
+    dest = model_dir / ONNX_FILES[precision]
     calibration, held_out = load_split(split, manifest.preprocessing)
     if precision == "fp16":
         convert_fp16(source, dest)
@@ -443,3 +451,37 @@ def variant_tools() -> dict[str, str]:
     except ImportError:  # only the fp16 conversion needs it
         pass
     return tools
+
+
+def build_model_variants(name: str, args: argparse.Namespace) -> list[str]:
+    """The reduced-precision variants in ``args.precision`` of the built model ``name``, each measured and
+    recorded in its manifest as soon as it is made; a line per variant for the build's report."""
+    from builder.report import variant_line
+
+    model_dir = args.out / name
+    # TensorRT takes only symmetric int8 (and no int32 biases): a GPU build quantizes for it.
+    recipe = "tensorrt" if args.target in ("gpu", "jetson") else "cpu"
+    split = split_images(
+        args.calibration_images,
+        calibration_count=args.calibration_count,
+        held_out_count=args.held_out_count,
+    )
+    if args.calibration_images is None and "int8" in args.precision:
+        log.warning(
+            "%s: int8 calibration on the project's generated photos; real images (--calibration-images DIR) "
+            "calibrate better",
+            name,
+        )
+    lines = []
+    for precision in args.precision:
+        if precision == "fp32":
+            continue
+        manifest = Manifest.load(model_dir)
+        if not args.force and variant_up_to_date(model_dir, manifest, precision, recipe, split):
+            variant = next(v for v in manifest.precisions if v.precision == precision)
+            lines.append(variant_line(name, variant, "up to date"))
+            continue
+        variant = build_variant(model_dir, manifest, precision, recipe=recipe, split=split)
+        with_variant(Manifest.load(model_dir), variant).save(model_dir)
+        lines.append(variant_line(name, variant, "built"))
+    return lines

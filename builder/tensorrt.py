@@ -11,8 +11,9 @@ What is decided here, and why:
   Q/DQ nodes; TensorRT 10 refuses a Q/DQ network without the flag) + ``BuilderFlag.FP16`` for the
   layers outside Q/DQ pairs. :func:`plan_build` makes that choice; it is pure, so it is tested here.
 * **Profiles.** The ONNX batch axis is dynamic. Each engine gets ``contexts`` identical profiles
-  (min 1, opt ``min(max_batch, 16)``, max ``--max-batch``): an execution context that runs while
-  another does needs a profile of its own, and the server runs ``contexts`` batches at a time.
+  (min 1, opt ``min(max_batch, GPU_OPT_BATCH)``, the batch the server runs on a GPU by default, max
+  ``--max-batch``): an execution context that runs while another does needs a profile of its own, and
+  the server runs ``contexts`` batches at a time.
   DLA has no dynamic shapes, so a DLA engine is static: min = opt = max = ``--max-batch``.
 * **Timing cache.** One per TensorRT version and GPU, beside the engines, loaded before each build and
   saved after it, so the second model (and every rebuild) skips most kernel timing.
@@ -32,25 +33,22 @@ guides, and ``make gpu-selftest`` is the check to run on real hardware.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import re
 import shlex
-import shutil
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from contract.manifest import Engine, Manifest, sha256_of
+from contract.gpu import GPU_OPT_BATCH, GpuDevice
+from contract.manifest import ENGINES_DIR, ONNX_FILES, Engine, Manifest, file_matches, sha256_of
 
 log = logging.getLogger(__name__)
 
 SUPPORTED_MAJORS = (10, 11)
-ENGINES_DIR = "engines"
+# Under the model repository: one timing cache per TensorRT version and GPU, shared by every model.
 TIMING_CACHE_DIR = ".timing-cache"
-ONNX_FOR_PRECISION = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
-# The server's GPU default batch (service.config.GPU_BATCHING): where kernels are tuned.
-OPT_BATCH = 16
 DEFAULT_CONTEXTS = 2
 DEFAULT_WORKSPACE_MIB = 1024
 # First TensorRT 11 release with DLA on Jetson (AGX Orin, JetPack 7.2.2 or later).
@@ -94,28 +92,6 @@ def check_version(version: str) -> int:
 
 
 @dataclass(frozen=True)
-class Device:
-    """The GPU an engine is built on (or a runtime runs on)."""
-
-    name: str
-    compute_capability: str  # "8.9"
-
-    @property
-    def slug(self) -> str:
-        return device_slug(self.name)
-
-    @property
-    def sm(self) -> str:
-        return "sm" + self.compute_capability.replace(".", "")
-
-
-def device_slug(name: str) -> str:
-    """A file-name-safe GPU name: ``"NVIDIA GeForce RTX 4090"`` -> ``nvidia-geforce-rtx-4090``."""
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    return slug or "gpu"
-
-
-@dataclass(frozen=True)
 class Profile:
     """Batch sizes of an optimization profile, and how many identical profiles the engine carries."""
 
@@ -141,18 +117,18 @@ def batch_profile(max_batch: int, *, dla: bool = False, contexts: int = DEFAULT_
         raise ValueError("an engine needs at least one execution context")
     if dla:
         return Profile(max_batch, max_batch, max_batch, contexts)
-    return Profile(1, min(max_batch, OPT_BATCH), max_batch, contexts)
+    return Profile(1, min(max_batch, GPU_OPT_BATCH), max_batch, contexts)
 
 
 def engine_file_name(
-    precision: str, profile: Profile, trt_version: str, device: Device, dla_core: int | None = None
+    precision: str, profile: Profile, trt_version: str, device: GpuDevice, dla_core: int | None = None
 ) -> str:
     """Everything that makes an engine valid, in its name (see the module doc)."""
     dla = f"_dla{dla_core}" if dla_core is not None else ""
     return f"{precision}_{profile.label}_trt{trt_version}_{device.slug}_{device.sm}{dla}.plan"
 
 
-def timing_cache_name(trt_version: str, device: Device) -> str:
+def timing_cache_name(trt_version: str, device: GpuDevice) -> str:
     return f"timing_trt{trt_version}_{device.slug}_{device.sm}.cache"
 
 
@@ -183,13 +159,13 @@ def plan_build(
 ) -> BuildPlan:
     """How to build a ``precision`` engine with TensorRT ``trt_version`` (10.x or 11.x)."""
     major = check_version(trt_version)
-    if precision not in ONNX_FOR_PRECISION:
+    if precision not in ONNX_FILES:
         raise TensorRTBuildError(f"unknown precision {precision!r}")
     if precision == "int8" and int8_recipe not in (None, "tensorrt"):
         raise TensorRTBuildError(
-            f"model.int8.onnx was quantized with the {int8_recipe!r} recipe (asymmetric uint8 activations, "
-            "for ONNX Runtime's CPU kernels), which TensorRT cannot build: rebuild it for TensorRT with "
-            "build_engines.py --target gpu --precision int8"
+            f"{ONNX_FILES['int8']} was quantized with the {int8_recipe!r} recipe (asymmetric uint8 "
+            "activations, for ONNX Runtime's CPU kernels), which TensorRT cannot build: rebuild it for "
+            "TensorRT with build_engines.py --target gpu --precision int8"
         )
     dla = dla_core is not None
     if dla:
@@ -208,12 +184,12 @@ def plan_build(
     flags: list[str] = []
     notes: list[str] = []
     if major >= 11:
-        onnx_file = ONNX_FOR_PRECISION[precision]
+        onnx_file = ONNX_FILES[precision]
         notes.append("TensorRT 11: strongly typed network, precision taken from the ONNX file")
     else:
         # 10.x: weak typing. fp16 lets TensorRT choose fp16 kernels per layer from the fp32 graph;
         # int8 builds the Q/DQ graph (explicit quantization) and needs the INT8 flag to accept it.
-        onnx_file = ONNX_FOR_PRECISION["int8" if precision == "int8" else "fp32"]
+        onnx_file = ONNX_FILES["int8" if precision == "int8" else "fp32"]
         if precision == "fp16":
             flags.append("FP16")
         elif precision == "int8":
@@ -234,12 +210,11 @@ def plan_build(
 
 
 def engine_up_to_date(model_dir: Path, record: Engine, source_sha256: str) -> bool:
-    path = Path(model_dir) / record.file
+    # An engine recorded without its size is rebuilt rather than trusted on its digest alone.
     return (
         record.source_sha256 == source_sha256
-        and path.is_file()
-        and path.stat().st_size == record.bytes
-        and sha256_of(path) == record.sha256
+        and record.bytes is not None
+        and file_matches(Path(model_dir) / record.file, record.sha256, record.bytes)
     )
 
 
@@ -267,50 +242,6 @@ def jetson_command(
 
 
 # ---------------------------------------------------------------------------------------------
-# The machine
-
-
-def detect_device() -> Device:
-    """The first CUDA GPU, from cuda-python if present, else from nvidia-smi."""
-    problems = []
-    try:
-        return _device_from_cuda_python()
-    except ImportError as exc:
-        problems.append(f"cuda-python is not installed ({exc})")
-    except RuntimeError as exc:
-        problems.append(str(exc))
-    smi = shutil.which("nvidia-smi")
-    if smi:
-        try:
-            out = subprocess.run(
-                [smi, "--query-gpu=name,compute_cap", "--format=csv,noheader"],
-                capture_output=True,
-                text=True,
-                timeout=30,
-                check=True,
-            ).stdout
-            name, cc = (part.strip() for part in out.splitlines()[0].split(",")[:2])
-            return Device(name, cc)
-        except (OSError, subprocess.SubprocessError, ValueError, IndexError) as exc:
-            problems.append(f"nvidia-smi could not describe the GPU ({exc})")
-    else:
-        problems.append("nvidia-smi is not on PATH")
-    raise TensorRTBuildError("cannot identify the GPU: " + "; ".join(problems))
-
-
-def _device_from_cuda_python() -> Device:
-    from service.core.runtimes.tensorrt import cuda_check, import_cudart
-
-    cudart = import_cudart()
-    count = cuda_check(cudart.cudaGetDeviceCount())
-    if not count:
-        raise RuntimeError("CUDA reports no GPU")
-    props = cuda_check(cudart.cudaGetDeviceProperties(0))
-    name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
-    return Device(name.rstrip("\x00").strip(), f"{props.major}.{props.minor}")
-
-
-# ---------------------------------------------------------------------------------------------
 # Building (needs TensorRT and a GPU)
 
 
@@ -325,7 +256,7 @@ def build_engine(
     model_dir: Path,
     manifest: Manifest,
     plan: BuildPlan,
-    device: Device,
+    device: GpuDevice,
     *,
     timing_cache_dir: Path,
     force: bool = False,
@@ -423,3 +354,37 @@ def _write_atomically(path: Path, data: bytes) -> None:
         os.replace(staging, path)
     finally:
         staging.unlink(missing_ok=True)
+
+
+def build_model_engines(
+    name: str, args: argparse.Namespace, device: GpuDevice, trt_version: str
+) -> list[str]:
+    """One engine per precision in ``args.precision`` for the built model ``name``, each recorded in its
+    manifest as soon as it is built; a line per engine for the build's report."""
+    from builder.report import engine_line
+
+    model_dir = args.out / name
+    lines = []
+    for precision in args.precision:
+        manifest = Manifest.load(model_dir)
+        variant = next((v for v in manifest.precisions if v.precision == precision), None)
+        plan = plan_build(
+            trt_version,
+            precision,
+            max_batch=args.max_batch,
+            dla_core=args.dla_core,
+            contexts=args.contexts,
+            workspace_mib=args.workspace_mib,
+            int8_recipe=variant.recipe if variant is not None else None,
+        )
+        built = build_engine(
+            model_dir,
+            manifest,
+            plan,
+            device,
+            timing_cache_dir=args.out / TIMING_CACHE_DIR,
+            force=args.force,
+        )
+        with_engine(Manifest.load(model_dir), built.record).save(model_dir)
+        lines.append(engine_line(name, built, plan))
+    return lines

@@ -3,6 +3,10 @@
 ``build_engines.py`` writes one beside each ONNX file through :class:`Manifest` (so a manifest that
 does not validate is never written) and the server reads it back the same way. The server trusts
 the manifest and never guesses: preprocessing, labels, cost and provenance all come from here.
+
+The names of the files a model directory holds are defined here, once, and so is the one check that
+a file is the one its manifest describes (:func:`verify_file`): the build's up-to-date checks and both
+runtimes use it.
 """
 
 from __future__ import annotations
@@ -13,23 +17,39 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from contract.preprocessing import PreprocessingSpec
+from contract.zoo import FAMILIES
+
+__all__ = [
+    "ENGINES_DIR",
+    "MANIFEST_FILE",
+    "ONNX_FILES",
+    "ORT_TENSORRT_CACHE_DIR",
+    "Engine",
+    "FileMismatch",
+    "Manifest",
+    "OnnxFile",
+    "PrecisionVariant",
+    "PreprocessingSpec",
+    "TensorSpec",
+    "WeightsProvenance",
+    "file_matches",
+    "sha256_of",
+    "verify_file",
+]
+
 MANIFEST_FILE = "model.json"
 SCHEMA_VERSION = 1
+# The ONNX file of each precision, beside model.json: fp32 is exported, the others are made from it.
+ONNX_FILES: dict[str, str] = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+# Native TensorRT engines, under the model directory.
+ENGINES_DIR = "engines"
+# What ONNX Runtime's TensorRT provider builds at the first load and reuses after.
+ORT_TENSORRT_CACHE_DIR = f"{ENGINES_DIR}/onnxruntime-tensorrt"
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class PreprocessingSpec(_Strict):
-    resize: int = Field(gt=0, description="shorter side after resizing, pixels")
-    crop: int = Field(gt=0, description="side of the square center crop, pixels")
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
-    color: Literal["RGB"] = "RGB"
-    layout: Literal["NCHW"] = "NCHW"
-    scale: str = "0..1 then (x - mean) / std"
 
 
 class TensorSpec(_Strict):
@@ -47,7 +67,7 @@ class WeightsProvenance(_Strict):
 
 
 class OnnxFile(_Strict):
-    file: str = "model.onnx"
+    file: str = ONNX_FILES["fp32"]
     sha256: str
     bytes: int
     opset: int
@@ -96,7 +116,7 @@ class Manifest(_Strict):
     schema_version: Literal[1] = SCHEMA_VERSION
     name: str = Field(description="name the model is served under, e.g. mobilenet_v1")
     variant: str = Field(description="full variant name, e.g. mobilenet_v1_1.0_224")
-    family: Literal["mobilenet_v1", "mobilenet_v2", "shufflenet_v1", "shufflenet_v2"]
+    family: Literal[tuple(FAMILIES)]  # type: ignore[valid-type]  # the zoo's families, nothing else
     knobs: dict[str, float | int]
     input_size: int
     input: TensorSpec
@@ -133,3 +153,31 @@ def sha256_of(path: Path, chunk_bytes: int = 1 << 20) -> str:
         while chunk := handle.read(chunk_bytes):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+class FileMismatch(ValueError):
+    """A file is missing, or its size or SHA-256 is not what its manifest records."""
+
+
+def verify_file(path: Path, sha256: str, size: int | None) -> None:
+    """Raise :class:`FileMismatch`, saying how, unless ``path`` has this size (if known) and SHA-256."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileMismatch(f"{path} is missing")
+    actual_size = path.stat().st_size
+    if size is not None and actual_size != size:
+        raise FileMismatch(f"{path.name} is {actual_size} bytes, the manifest says {size}")
+    digest = sha256_of(path)
+    if digest != sha256:
+        raise FileMismatch(
+            f"{path.name} sha256 {digest[:12]}... does not match the manifest's {sha256[:12]}..."
+        )
+
+
+def file_matches(path: Path, sha256: str, size: int | None) -> bool:
+    """Whether :func:`verify_file` accepts ``path``: what the build's up-to-date checks ask."""
+    try:
+        verify_file(path, sha256, size)
+    except FileMismatch:
+        return False
+    return True

@@ -1,7 +1,9 @@
-"""The model zoo: every servable model name, what network it is and how to feed it.
+"""The model zoo: one table of model families, and every servable name derived from it.
 
-Torch-free on purpose: the build step and the tests read it, and so may tools that never load a
-network. Names follow DESIGN.md's grammar:
+Torch-free on purpose: the build step, the server and the tests read it, and so may tools that never
+load a network. Each family is one :class:`Family` entry in :data:`FAMILIES`: its name grammar, its knobs
+and their allowed values, the variant its default alias stands for, the class that builds it, how its
+input is preprocessed and which published checkpoints it can load. Names:
 
     mobilenet_v1_<alpha>_<res>     mobilenet_v1 = mobilenet_v1_1.0_224
     mobilenet_v2_<width>_<res>     mobilenet_v2 = mobilenet_v2_1.0_224
@@ -14,14 +16,26 @@ separates the suffix, and :func:`parse` accepts both forms.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
+import string
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, cached_property
 from importlib import resources
 
-DEFAULT_MODELS: tuple[str, ...] = ("mobilenet_v1", "mobilenet_v2", "shufflenet_v1", "shufflenet_v2")
+from contract.preprocessing import (
+    DEFAULT_CROP_PCT,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Interpolation,
+    PreprocessingSpec,
+)
+
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
+# The knob that sets the input size rather than a constructor argument.
+RESOLUTION = "resolution"
 
 # The knob values each paper reports (and, for ShuffleNet v1, the groups of its Table 1).
 MOBILENET_V1_WIDTHS = (0.25, 0.5, 0.75, 1.0)
@@ -32,42 +46,13 @@ SHUFFLENET_V1_GROUPS = (1, 2, 3, 4, 8)
 SHUFFLENET_V1_SCALES = (0.5, 1.0, 1.5, 2.0)
 SHUFFLENET_V2_SCALES = (0.5, 1.0, 1.5, 2.0)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# Fraction of the resized image kept by the center crop (resize 256 -> crop 224), as both
-# torchvision's and timm's ImageNet evaluation recipes use it.
-DEFAULT_CROP_PCT = 0.875
+# MobileNet v1 was trained (TF-slim, and timm's checkpoint below) on inputs scaled to [-1, 1]:
+# mean = std = 0.5. timm's checkpoint also resizes bicubically. The other families follow torchvision.
+INCEPTION_MEAN_STD = (0.5, 0.5, 0.5)
 
 
 class UnknownModelError(ValueError):
     """The name does not follow the zoo's grammar or names a knob value no paper defines."""
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How an image becomes the network's input: shorter side resized, center crop, normalise."""
-
-    resize: int
-    crop: int
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    interpolation: str = "bilinear"
-
-    @classmethod
-    def for_resolution(cls, crop: int, crop_pct: float = DEFAULT_CROP_PCT, **kwargs) -> Preprocessing:
-        return cls(resize=math.floor(crop / crop_pct), crop=crop, **kwargs)
-
-    def to_dict(self) -> dict:
-        return {
-            "resize": self.resize,
-            "crop": self.crop,
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "interpolation": self.interpolation,
-            "color": "RGB",
-            "layout": "NCHW",
-            "scale": "0..1 then (x - mean) / std",
-        }
 
 
 @dataclass(frozen=True)
@@ -90,7 +75,7 @@ class ModelSpec:
     family: str
     knobs: dict = field(hash=False)  # constructor keyword arguments of the family's module
     resolution: int
-    preprocessing: Preprocessing
+    preprocessing: PreprocessingSpec
     weights: PublishedWeights | None = None
 
     @property
@@ -98,44 +83,91 @@ class ModelSpec:
         return (3, self.resolution, self.resolution)
 
 
-# ---------------------------------------------------------------------------------------------
-# Published checkpoints. torchvision file names carry the first hex digits of the file's SHA-256.
-_TV = "https://download.pytorch.org/models/"
-# timm's MobileNet v1 1.0, trained on ImageNet-1k with its "ra4" recipe. The URL is pinned to the hub
-# commit that added the file, so its bytes cannot change under us. Its SHA-256 could not be confirmed
-# when this was written, so none is pinned (empty): models.weights records the digest seen on the first
-# download beside the cached file (trust on first use), re-checks it on every later use and writes it
-# into every manifest built from it. Pin it here once confirmed.
-TIMM_MOBILENET_V1_100 = PublishedWeights(
-    url=(
-        "https://huggingface.co/timm/mobilenetv1_100.ra4_e3600_r224_in1k/resolve/"
-        "dda9ab42e23f3061aa191630817df76e8fe9cace/pytorch_model.bin"
-    ),
-    sha256="",
-    layout="timm",
-    note="timm mobilenetv1_100.ra4_e3600_r224_in1k; trained with bicubic resize and mean=std=0.5",
-)
-PUBLISHED: dict[str, PublishedWeights] = {
-    "mobilenet_v2_1.0_224": PublishedWeights(_TV + "mobilenet_v2-b0353104.pth", "b0353104", "torchvision"),
-    "shufflenet_v2_0.5x": PublishedWeights(
-        _TV + "shufflenetv2_x0.5-f707e7126e.pth", "f707e7126e", "torchvision"
-    ),
-    "shufflenet_v2_1.0x": PublishedWeights(
-        _TV + "shufflenetv2_x1-5666bf0f80.pth", "5666bf0f80", "torchvision"
-    ),
-    "shufflenet_v2_1.5x": PublishedWeights(_TV + "shufflenetv2_x1_5-3c479a10.pth", "3c479a10", "torchvision"),
-    "shufflenet_v2_2.0x": PublishedWeights(_TV + "shufflenetv2_x2_0-8be3c8ee.pth", "8be3c8ee", "torchvision"),
-    # Global pooling makes the checkpoint resolution-independent: every MobileNet v1 1.0 variant uses it.
-    **{f"mobilenet_v1_1.0_{res}": TIMM_MOBILENET_V1_100 for res in MOBILENET_V1_RESOLUTIONS},
-}
+@dataclass(frozen=True)
+class Knob:
+    """One axis of a family's names: a placeholder of its grammar and the values a paper reports."""
 
-# MobileNet v1 was trained (TF-slim, and timm's checkpoint above) on inputs scaled to [-1, 1]:
-# mean = std = 0.5. timm's checkpoint also resizes bicubically. The other families follow torchvision.
-INCEPTION_MEAN_STD = (0.5, 0.5, 0.5)
+    key: str  # the grammar's placeholder; the constructor's keyword argument unless it is RESOLUTION
+    label: str  # how error messages call it
+    kind: type  # int or float: how the name spells it and how it is read back
+    values: tuple  # allowed values, in the order all_variants() lists them
 
 
-def _fmt(value: float) -> str:
-    return repr(float(value))
+@dataclass(frozen=True)
+class PreprocessingRule:
+    """A family's evaluation recipe; the crop follows the variant's resolution."""
+
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: Interpolation = "bilinear"
+    crop_pct: float = DEFAULT_CROP_PCT
+
+    def for_resolution(self, resolution: int) -> PreprocessingSpec:
+        return PreprocessingSpec.for_resolution(
+            resolution, mean=self.mean, std=self.std, interpolation=self.interpolation, crop_pct=self.crop_pct
+        )
+
+
+@dataclass(frozen=True)
+class Family:
+    """Everything the project knows about one network family, in one place."""
+
+    name: str  # also the family's default alias
+    grammar: str  # full variant names, with a {key} placeholder per knob
+    knobs: tuple[Knob, ...]  # in grammar order, which is also the order their errors are reported in
+    default: str  # the variant the alias stands for
+    example: str  # a variant quoted when a name is not understood
+    # "module:Class" of the nn.Module, imported only by models.create (this package stays torch-free).
+    constructor: str
+    preprocessing: PreprocessingRule
+    weights: Mapping[str, PublishedWeights] = field(default_factory=dict, hash=False)  # by variant
+    resolution: int = 224  # the input size of a family whose names carry none
+
+    @cached_property
+    def pattern(self) -> re.Pattern[str]:
+        parts = []
+        for literal, key, _, _ in string.Formatter().parse(self.grammar):
+            parts.append(re.escape(literal))
+            if key is not None:
+                parts.append(r"(\d+)" if self._knob(key).kind is int else r"(\d+(?:\.\d+)?)")
+        return re.compile("".join(parts))
+
+    def _knob(self, key: str) -> Knob:
+        return next(k for k in self.knobs if k.key == key)
+
+    def variant_name(self, values: Mapping[str, float | int]) -> str:
+        """The canonical spelling of the variant with these knob values."""
+        return self.grammar.format(**{k.key: _spell(values[k.key], k.kind) for k in self.knobs})
+
+    def variants(self) -> list[str]:
+        """Every variant of the family, the first knob varying slowest."""
+        keys = [k.key for k in self.knobs]
+        return [
+            self.variant_name(dict(zip(keys, combo, strict=True)))
+            for combo in itertools.product(*(k.values for k in self.knobs))
+        ]
+
+    def spec(self, name: str, texts: Sequence[str]) -> ModelSpec:
+        """The spec of ``name``, whose variant matched :attr:`pattern` with these knob texts."""
+        values = {
+            knob.key: _pick(text, knob.values, knob.kind, knob.label, name)
+            for knob, text in zip(self.knobs, texts, strict=True)
+        }
+        variant = self.variant_name(values)
+        resolution = values.pop(RESOLUTION, self.resolution)
+        return ModelSpec(
+            name,
+            variant,
+            self.name,
+            values,
+            resolution,
+            self.preprocessing.for_resolution(resolution),
+            self.weights.get(variant),
+        )
+
+
+def _spell(value: float | int, kind: type) -> str:
+    return repr(float(value)) if kind is float else str(value)
 
 
 def _pick(text: str, allowed: tuple, kind: type, what: str, name: str):
@@ -149,18 +181,96 @@ def _pick(text: str, allowed: tuple, kind: type, what: str, name: str):
     raise UnknownModelError(f"{name!r}: {what} {text} is not one of {', '.join(map(str, allowed))}")
 
 
-_NUM = r"(\d+(?:\.\d+)?)"
-_GRAMMAR = (
-    ("mobilenet_v1", re.compile(rf"mobilenet_v1_{_NUM}_(\d+)")),
-    ("mobilenet_v2", re.compile(rf"mobilenet_v2_{_NUM}_(\d+)")),
-    ("shufflenet_v1", re.compile(rf"shufflenet_v1_g(\d+)_{_NUM}x")),
-    ("shufflenet_v2", re.compile(rf"shufflenet_v2_{_NUM}x")),
+# ---------------------------------------------------------------------------------------------
+# Published checkpoints. torchvision file names carry the first hex digits of the file's SHA-256.
+_TV = "https://download.pytorch.org/models/"
+# timm's MobileNet v1 1.0, trained on ImageNet-1k with its "ra4" recipe. The URL is pinned to the hub
+# commit that added the file, so its bytes cannot change under us. Its SHA-256 could not be confirmed
+# when this was written, so none is pinned (empty): builder.weights records the digest seen on the first
+# download beside the cached file (trust on first use), re-checks it on every later use and writes it
+# into every manifest built from it. Pin it here once confirmed.
+TIMM_MOBILENET_V1_100 = PublishedWeights(
+    url=(
+        "https://huggingface.co/timm/mobilenetv1_100.ra4_e3600_r224_in1k/resolve/"
+        "dda9ab42e23f3061aa191630817df76e8fe9cace/pytorch_model.bin"
+    ),
+    sha256="",
+    layout="timm",
+    note="timm mobilenetv1_100.ra4_e3600_r224_in1k; trained with bicubic resize and mean=std=0.5",
 )
-_ALIASES = {
-    "mobilenet_v1": "mobilenet_v1_1.0_224",
-    "mobilenet_v2": "mobilenet_v2_1.0_224",
-    "shufflenet_v1": "shufflenet_v1_g3_1.0x",
-    "shufflenet_v2": "shufflenet_v2_1.0x",
+
+
+def _torchvision(file: str, digest: str) -> PublishedWeights:
+    return PublishedWeights(_TV + file, digest, "torchvision")
+
+
+_WIDTH = "width_multiplier"
+
+FAMILIES: dict[str, Family] = {
+    family.name: family
+    for family in (
+        Family(
+            name="mobilenet_v1",
+            grammar="mobilenet_v1_{width_multiplier}_{resolution}",
+            knobs=(
+                Knob(_WIDTH, "width multiplier", float, MOBILENET_V1_WIDTHS),
+                Knob(RESOLUTION, "resolution", int, MOBILENET_V1_RESOLUTIONS),
+            ),
+            default="mobilenet_v1_1.0_224",
+            example="mobilenet_v1_0.75_192",
+            constructor="models.mobilenet_v1:MobileNetV1",
+            preprocessing=PreprocessingRule(INCEPTION_MEAN_STD, INCEPTION_MEAN_STD, "bicubic"),
+            # Global pooling makes the checkpoint resolution-independent: every 1.0 variant uses it.
+            weights={f"mobilenet_v1_1.0_{res}": TIMM_MOBILENET_V1_100 for res in MOBILENET_V1_RESOLUTIONS},
+        ),
+        Family(
+            name="mobilenet_v2",
+            grammar="mobilenet_v2_{width_multiplier}_{resolution}",
+            knobs=(
+                Knob(_WIDTH, "width multiplier", float, MOBILENET_V2_WIDTHS),
+                Knob(RESOLUTION, "resolution", int, MOBILENET_V2_RESOLUTIONS),
+            ),
+            default="mobilenet_v2_1.0_224",
+            example="mobilenet_v2_0.5_160",
+            constructor="models.mobilenet_v2:MobileNetV2",
+            preprocessing=PreprocessingRule(),
+            weights={"mobilenet_v2_1.0_224": _torchvision("mobilenet_v2-b0353104.pth", "b0353104")},
+        ),
+        Family(
+            name="shufflenet_v1",
+            grammar="shufflenet_v1_g{groups}_{scale}x",
+            knobs=(
+                Knob("groups", "groups", int, SHUFFLENET_V1_GROUPS),
+                Knob("scale", "scale", float, SHUFFLENET_V1_SCALES),
+            ),
+            default="shufflenet_v1_g3_1.0x",
+            example="shufflenet_v1_g8_0.5x",
+            constructor="models.shufflenet_v1:ShuffleNetV1",
+            preprocessing=PreprocessingRule(),
+        ),
+        Family(
+            name="shufflenet_v2",
+            grammar="shufflenet_v2_{scale}x",
+            knobs=(Knob("scale", "scale", float, SHUFFLENET_V2_SCALES),),
+            default="shufflenet_v2_1.0x",
+            example="shufflenet_v2_2.0x",
+            constructor="models.shufflenet_v2:ShuffleNetV2",
+            preprocessing=PreprocessingRule(),
+            weights={
+                "shufflenet_v2_0.5x": _torchvision("shufflenetv2_x0.5-f707e7126e.pth", "f707e7126e"),
+                "shufflenet_v2_1.0x": _torchvision("shufflenetv2_x1-5666bf0f80.pth", "5666bf0f80"),
+                "shufflenet_v2_1.5x": _torchvision("shufflenetv2_x1_5-3c479a10.pth", "3c479a10"),
+                "shufflenet_v2_2.0x": _torchvision("shufflenetv2_x2_0-8be3c8ee.pth", "8be3c8ee"),
+            },
+        ),
+    )
+}
+
+# Derived from the table; nothing below registers a family.
+DEFAULT_MODELS: tuple[str, ...] = tuple(FAMILIES)
+ALIASES: dict[str, str] = {family.name: family.default for family in FAMILIES.values()}
+PUBLISHED: dict[str, PublishedWeights] = {
+    variant: weights for family in FAMILIES.values() for variant, weights in family.weights.items()
 }
 
 
@@ -178,93 +288,21 @@ def split_precision(name: str) -> tuple[str, str]:
 def parse(name: str) -> ModelSpec:
     """The spec of a model name (a precision suffix is accepted and ignored here)."""
     base, _ = split_precision(name.strip())
-    variant = _ALIASES.get(base, base)
-    for family, pattern in _GRAMMAR:
-        match = pattern.fullmatch(variant)
+    variant = ALIASES.get(base, base)
+    for family in FAMILIES.values():
+        match = family.pattern.fullmatch(variant)
         if match:
-            return _SPEC_BUILDERS[family](base, *match.groups())
+            return family.spec(base, match.groups())
+    examples = ", ".join(family.example for family in FAMILIES.values())
     raise UnknownModelError(
         f"{name!r} is not a model name; expected one of {', '.join(DEFAULT_MODELS)} or a variant such as "
-        "mobilenet_v1_0.75_192, mobilenet_v2_0.5_160, shufflenet_v1_g8_0.5x, shufflenet_v2_2.0x"
+        f"{examples}"
     )
-
-
-def _mobilenet_v1(name: str, alpha: str, res: str) -> ModelSpec:
-    width = _pick(alpha, MOBILENET_V1_WIDTHS, float, "width multiplier", name)
-    resolution = _pick(res, MOBILENET_V1_RESOLUTIONS, int, "resolution", name)
-    variant = f"mobilenet_v1_{_fmt(width)}_{resolution}"
-    return ModelSpec(
-        name,
-        variant,
-        "mobilenet_v1",
-        {"width_multiplier": width},
-        resolution,
-        Preprocessing.for_resolution(
-            resolution, mean=INCEPTION_MEAN_STD, std=INCEPTION_MEAN_STD, interpolation="bicubic"
-        ),
-        PUBLISHED.get(variant),
-    )
-
-
-def _mobilenet_v2(name: str, width_text: str, res: str) -> ModelSpec:
-    width = _pick(width_text, MOBILENET_V2_WIDTHS, float, "width multiplier", name)
-    resolution = _pick(res, MOBILENET_V2_RESOLUTIONS, int, "resolution", name)
-    variant = f"mobilenet_v2_{_fmt(width)}_{resolution}"
-    return ModelSpec(
-        name,
-        variant,
-        "mobilenet_v2",
-        {"width_multiplier": width},
-        resolution,
-        Preprocessing.for_resolution(resolution),
-        PUBLISHED.get(variant),
-    )
-
-
-def _shufflenet_v1(name: str, groups_text: str, scale_text: str) -> ModelSpec:
-    groups = _pick(groups_text, SHUFFLENET_V1_GROUPS, int, "groups", name)
-    scale = _pick(scale_text, SHUFFLENET_V1_SCALES, float, "scale", name)
-    variant = f"shufflenet_v1_g{groups}_{_fmt(scale)}x"
-    return ModelSpec(
-        name,
-        variant,
-        "shufflenet_v1",
-        {"groups": groups, "scale": scale},
-        224,
-        Preprocessing.for_resolution(224),
-        PUBLISHED.get(variant),
-    )
-
-
-def _shufflenet_v2(name: str, scale_text: str) -> ModelSpec:
-    scale = _pick(scale_text, SHUFFLENET_V2_SCALES, float, "scale", name)
-    variant = f"shufflenet_v2_{_fmt(scale)}x"
-    return ModelSpec(
-        name,
-        variant,
-        "shufflenet_v2",
-        {"scale": scale},
-        224,
-        Preprocessing.for_resolution(224),
-        PUBLISHED.get(variant),
-    )
-
-
-_SPEC_BUILDERS = {
-    "mobilenet_v1": _mobilenet_v1,
-    "mobilenet_v2": _mobilenet_v2,
-    "shufflenet_v1": _shufflenet_v1,
-    "shufflenet_v2": _shufflenet_v2,
-}
 
 
 def all_variants() -> list[str]:
     """Every full variant name the grammar admits, family by family."""
-    names = [f"mobilenet_v1_{_fmt(a)}_{r}" for a in MOBILENET_V1_WIDTHS for r in MOBILENET_V1_RESOLUTIONS]
-    names += [f"mobilenet_v2_{_fmt(w)}_{r}" for w in MOBILENET_V2_WIDTHS for r in MOBILENET_V2_RESOLUTIONS]
-    names += [f"shufflenet_v1_g{g}_{_fmt(s)}x" for g in SHUFFLENET_V1_GROUPS for s in SHUFFLENET_V1_SCALES]
-    names += [f"shufflenet_v2_{_fmt(s)}x" for s in SHUFFLENET_V2_SCALES]
-    return names
+    return [variant for family in FAMILIES.values() for variant in family.variants()]
 
 
 @cache

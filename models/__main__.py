@@ -3,7 +3,7 @@
     python -m models summary [--json] [--all] [NAME ...]   analytic cost per variant
     python -m models layers [--json] NAME                  the same, layer by layer
 
-With no NAME, ``summary`` covers the four default models; ``--all`` adds every variant the zoo's
+With no NAME, ``summary`` covers each family's default model; ``--all`` adds every variant the zoo's
 grammar admits. An unknown name exits with status 2 and the zoo's message on stderr.
 """
 

@@ -13,7 +13,7 @@ State-dict layout: ``features.0`` is the stem (``ConvBNActivation``: ``.0`` conv
 ``features.1`` .. ``features.13`` are the blocks, each ``.0`` depthwise and ``.1`` pointwise
 ``ConvBNActivation``; ``classifier`` is the ``Linear``. Tensor for tensor, in order and in shape,
 this is timm's ``mobilenetv1_100`` (``conv_stem``, ``bn1``, ``blocks.S.B.{conv_dw,bn1,conv_pw,bn2}``,
-``classifier``), which :mod:`models.weights` maps onto it.
+``classifier``), which :mod:`models.checkpoints` maps onto it.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from contract.manifest import (
     WeightsProvenance,
     sha256_of,
 )
-from contract.zoo import imagenet_labels
+from contract.zoo import FAMILIES, imagenet_labels
 from service.core.runtimes import Runtime, load_runtime
 
 NUM_CLASSES = 1000
@@ -111,8 +111,7 @@ def write_model(
 
 
 def _family_of(name: str) -> str:
-    families = ("mobilenet_v1", "mobilenet_v2", "shufflenet_v1", "shufflenet_v2")
-    return next((family for family in families if name.startswith(family)), "mobilenet_v2")
+    return next((family for family in FAMILIES if name.startswith(family)), "mobilenet_v2")
 
 
 def make_repository(root: Path, names: tuple[str, ...] = FAKE_MODELS) -> Path:

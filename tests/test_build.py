@@ -13,9 +13,11 @@ import torch
 
 import build_engines
 import models
+from builder import host, weights
+from builder.onnx_model import PARITY_TOLERANCE
+from builder.staleness import up_to_date
 from contract import zoo
 from contract.manifest import Manifest, WeightsProvenance, sha256_of
-from models import weights
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ["shufflenet_v2_0.5x", "mobilenet_v1_0.25_128"]  # the two quickest to export
@@ -59,17 +61,14 @@ def test_build_writes_valid_manifests(repository):
         assert manifest.input.shape == ["batch", 3, spec.resolution, spec.resolution]
         assert manifest.output.name == "logits"
         assert manifest.output.shape == ["batch", 1000]
-        assert manifest.preprocessing.model_dump() == spec.preprocessing.to_dict() | {
-            "mean": tuple(spec.preprocessing.mean),
-            "std": tuple(spec.preprocessing.std),
-        }
+        assert manifest.preprocessing == spec.preprocessing
         assert manifest.flops > 0 and manifest.params > 0 and manifest.memory_access_cost > 0
         assert manifest.fp32_bytes == 4 * manifest.params
         assert manifest.weights.source == "random"
         assert manifest.labels == list(zoo.imagenet_labels())
         assert manifest.onnx.sha256 == sha256_of(model_dir / "model.onnx")
         assert manifest.onnx.bytes == (model_dir / "model.onnx").stat().st_size
-        assert manifest.parity_max_abs_diff <= build_engines.PARITY_TOLERANCE
+        assert manifest.parity_max_abs_diff <= PARITY_TOLERANCE
         assert {"torch", "onnx", "onnxruntime", "python"} <= set(manifest.tools)
         assert manifest.created_at
     # The closing table names every model.
@@ -121,7 +120,7 @@ def test_weights_from_a_local_file_are_exported_and_recorded(tmp_path):
     session = ort.InferenceSession(str(out / name / "model.onnx"), providers=["CPUExecutionProvider"])
     (logits,) = session.run(["logits"], {"input": x.numpy()})
     with torch.no_grad():
-        assert np.abs(logits - module(x).numpy()).max() <= build_engines.PARITY_TOLERANCE
+        assert np.abs(logits - module(x).numpy()).max() <= PARITY_TOLERANCE
 
 
 @pytest.mark.slow
@@ -131,14 +130,14 @@ def test_up_to_date_notices_changed_inputs(repository):
     model_dir = out / MODELS[1]
     manifest = Manifest.load(model_dir)
     args = (model_dir, manifest.variant, manifest.weights, manifest.onnx.opset, manifest.tools)
-    assert build_engines.up_to_date(*args)
+    assert up_to_date(*args)
 
     other_weights = WeightsProvenance(source="file", path="/x.pth", sha256="0" * 64)
-    assert not build_engines.up_to_date(model_dir, manifest.variant, other_weights, *args[3:])
-    assert not build_engines.up_to_date(model_dir, manifest.variant, manifest.weights, 17, manifest.tools)
-    assert not build_engines.up_to_date(*args[:4], {**manifest.tools, "torch": "0.0"})
-    assert not build_engines.up_to_date(model_dir, "mobilenet_v1_0.5_128", *args[2:])
-    assert not build_engines.up_to_date(out / "missing", *args[1:])
+    assert not up_to_date(model_dir, manifest.variant, other_weights, *args[3:])
+    assert not up_to_date(model_dir, manifest.variant, manifest.weights, 17, manifest.tools)
+    assert not up_to_date(*args[:4], {**manifest.tools, "torch": "0.0"})
+    assert not up_to_date(model_dir, "mobilenet_v1_0.5_128", *args[2:])
+    assert not up_to_date(out / "missing", *args[1:])
 
 
 def test_unknown_model_fails_with_the_zoo_message(tmp_path):
@@ -161,7 +160,7 @@ def test_gpu_target_names_what_is_missing(tmp_path):
 
 
 def test_jetson_target_elsewhere_says_where_to_build(tmp_path):
-    if build_engines._on_jetson():
+    if host.on_jetson():
         pytest.skip("running on a Jetson")
     result = run_build("--models", "mobilenet_v2", "--target", "jetson", "--out", str(tmp_path))
     assert result.returncode != 0

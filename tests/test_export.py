@@ -13,9 +13,8 @@ import torch
 from torch import nn
 
 import models
-from builder import export
+from builder import export, weights
 from contract import zoo
-from models import weights
 from models.layers import channel_shuffle
 
 # The four defaults, then at least one other value of every knob of every family.

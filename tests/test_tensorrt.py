@@ -17,7 +17,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from builder import host
 from builder import tensorrt as trtb
+from contract.gpu import GpuDevice, device_slug
 from contract.manifest import Engine, Manifest, TensorSpec
 from service.app import create_app
 from service.core.runtimes import BackendUnavailable, RuntimeLoadError, RuntimeOptions, load_runtime
@@ -29,7 +31,7 @@ from tests.test_api import assert_error
 
 HAVE_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 needs_tensorrt = pytest.mark.skipif(not HAVE_TENSORRT, reason="TensorRT is not installed on this machine")
-L4 = trtb.Device("NVIDIA L4", "8.9")
+L4 = GpuDevice("NVIDIA L4", "8.9")
 
 
 # --- versions and build plans -----------------------------------------------------------------------
@@ -104,10 +106,10 @@ def test_engine_names_carry_everything_that_makes_an_engine_valid():
         trtb.engine_file_name("fp16", profile, "10.8.0.43", L4)
         == "fp16_b1-16-32x2_trt10.8.0.43_nvidia-l4_sm89.plan"
     )
-    orin = trtb.Device("Orin (nvgpu)", "8.7")
+    orin = GpuDevice("Orin (nvgpu)", "8.7")
     name = trtb.engine_file_name("int8", trtb.batch_profile(8, dla=True), "10.3.0", orin, dla_core=1)
     assert name == "int8_b8-8-8x2_trt10.3.0_orin-nvgpu_sm87_dla1.plan"
-    assert trtb.device_slug("NVIDIA GeForce RTX 4090") == "nvidia-geforce-rtx-4090"
+    assert device_slug("NVIDIA GeForce RTX 4090") == "nvidia-geforce-rtx-4090"
     assert trtb.timing_cache_name("11.4.0", L4) == "timing_trt11.4.0_nvidia-l4_sm89.cache"
 
 
@@ -139,7 +141,7 @@ def _engine(precision="fp16", version="10.8.0.43", device=L4, dla=None, max_batc
     )
 
 
-L4_HERE = trt_backend.GpuDevice("NVIDIA L4", "8.9")
+L4_HERE = GpuDevice("NVIDIA L4", "8.9")
 
 
 def _select(engines, precision="fp16", version="10.8.0.43", device=L4_HERE):
@@ -157,13 +159,13 @@ def test_engine_selection_says_why_nothing_fits():
         BackendUnavailable, match=r"built with TensorRT 10\.8\.0\.43, this is TensorRT 10\.9\.0"
     ):
         _select([_engine()], version="10.9.0")
-    h100 = trt_backend.GpuDevice("NVIDIA H100 80GB HBM3", "9.0")
+    h100 = GpuDevice("NVIDIA H100 80GB HBM3", "9.0")
     with pytest.raises(BackendUnavailable, match=r"built for NVIDIA L4 \(sm 8\.9\), this GPU is NVIDIA H100"):
         _select([_engine()], device=h100)
 
 
 def test_engine_selection_prefers_the_same_gpu_then_the_gpu_over_dla_then_the_largest_batch():
-    same_arch = trtb.Device("NVIDIA GeForce RTX 4090", "8.9")
+    same_arch = GpuDevice("NVIDIA GeForce RTX 4090", "8.9")
     other = _engine(device=same_arch, max_batch=64)
     small, large = _engine(max_batch=8), _engine(max_batch=64)
     dla = _engine(dla=0, max_batch=64)
@@ -274,14 +276,14 @@ def test_build_target_checks_name_what_is_missing(monkeypatch):
     import build_engines
 
     args = build_engines.parse_args(["--models", "mobilenet_v2", "--target", "gpu", "--precision", "fp16"])
-    monkeypatch.setattr(build_engines, "_tensorrt_problem", lambda: "TensorRT missing (install it)")
-    monkeypatch.setattr(build_engines, "_nvidia_gpu_present", lambda: False)
-    problems = build_engines.check_target(args, ["mobilenet_v2"])
+    monkeypatch.setattr(host, "tensorrt_problem", lambda: "TensorRT missing (install it)")
+    monkeypatch.setattr(host, "nvidia_gpu_present", lambda: False)
+    problems = host.check_target(args, ["mobilenet_v2"])
     assert problems[0] == "TensorRT missing (install it)"
     assert problems[1].startswith("no NVIDIA GPU found")
     jetson = build_engines.parse_args(["--models", "mobilenet_v2", "--target", "jetson", "--dla-core", "1"])
-    monkeypatch.setattr(build_engines, "_on_jetson", lambda: False)
-    (only,) = build_engines.check_target(jetson, ["mobilenet_v2"])
+    monkeypatch.setattr(host, "on_jetson", lambda: False)
+    (only,) = host.check_target(jetson, ["mobilenet_v2"])
     assert "must be built on the Jetson itself" in only and only.endswith("--max-batch 32 --dla-core 1")
 
 
@@ -533,7 +535,7 @@ def test_the_plan_uses_flags_this_tensorrt_has():
 @needs_tensorrt
 def test_engine_build_and_native_runtime_agree_with_onnxruntime_cpu(tmp_path):
     try:
-        device = trtb.detect_device()
+        device = host.detect_device()
     except trtb.TensorRTBuildError as exc:
         pytest.skip(f"no usable GPU here: {exc}")
     import tensorrt as trt

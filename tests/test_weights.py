@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 import models
+from builder import weights
 from contract import zoo
 from contract.manifest import WeightsProvenance
 from contract.zoo import PublishedWeights
-from models import weights
 
 REPO = Path(__file__).resolve().parents[1]
 STAND_IN = "shufflenet_v2_0.5x"  # a name with published weights; the network is replaced by _TinyNet
@@ -284,7 +284,7 @@ def test_http_error_gives_a_clear_error(server, tmp_path):
 
 @pytest.mark.usefixtures("tiny_network")
 def test_auto_falls_back_to_random_loudly(closed_port_url, tmp_path, caplog, capsys):
-    with caplog.at_level(logging.WARNING, logger="models.weights"):
+    with caplog.at_level(logging.WARNING, logger="builder.weights"):
         state_dict, provenance = weights.resolve(
             STAND_IN, "auto", tmp_path, published=_published(closed_port_url, "00000000"), timeout=5
         )

@@ -12,11 +12,11 @@ documentation:
 
 * TensorRT: engine and timing caches under ``<model>/engines/onnxruntime-tensorrt/`` (an engine is
   built at the first load, then reused while the model, TensorRT and GPU stay the same), explicit
-  profile shapes for the batch axis (1, 16, max(64, MAX_BATCH_SIZE)) so that no batch size triggers
-  a rebuild, a workspace cap, and ``trt_fp16_enable`` / ``trt_int8_enable`` matching the precision
-  (TensorRT 10 needs the int8 flag to build a Q/DQ model; TensorRT 11 takes the types from the graph).
-  An int8 model quantized with the CPU recipe (uint8 activations) cannot be built by TensorRT and is
-  refused up front.
+  profile shapes for the batch axis (1, ``GPU_OPT_BATCH``, max(64, MAX_BATCH_SIZE)) so that no batch
+  size triggers a rebuild, a workspace cap, and ``trt_fp16_enable`` / ``trt_int8_enable`` matching the
+  precision (TensorRT 10 needs the int8 flag to build a Q/DQ model; TensorRT 11 takes the types from
+  the graph). An int8 model quantized with the CPU recipe (uint8 activations) cannot be built by
+  TensorRT and is refused up front.
 * CUDA: device 0, exhaustive cuDNN convolution search (the warm-up runs every batch size once, so the
   search is paid before ``/readyz``), an arena that grows by what is asked.
 """
@@ -29,7 +29,15 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from contract.manifest import Manifest, OnnxFile, TensorSpec, sha256_of
+from contract.gpu import GPU_OPT_BATCH
+from contract.manifest import (
+    ORT_TENSORRT_CACHE_DIR,
+    FileMismatch,
+    Manifest,
+    OnnxFile,
+    TensorSpec,
+    verify_file,
+)
 from service.core.runtimes.base import BackendUnavailable, RuntimeLoadError, RuntimeOptions
 
 log = logging.getLogger(__name__)
@@ -41,8 +49,6 @@ PROVIDERS: dict[str, tuple[str, ...]] = {
     "onnxruntime-cpu": ("CPUExecutionProvider",),
 }
 _BACKEND_OF_PROVIDER = {providers[0]: backend for backend, providers in PROVIDERS.items()}
-TRT_CACHE_DIR = "engines/onnxruntime-tensorrt"
-TRT_OPT_BATCH = 16
 TRT_MIN_PROFILE_MAX_BATCH = 64
 TRT_WORKSPACE_BYTES = 1 << 30
 _ORT_TYPE = {"float32": "tensor(float)", "float16": "tensor(float16)"}
@@ -84,7 +90,10 @@ class OrtRuntime:
         onnx_file, input_spec = _onnx_file_for(manifest, precision)
         _check_int8_recipe(manifest, backend, precision)
         path = Path(model_dir) / onnx_file.file
-        _verify_file(path, onnx_file)
+        try:
+            verify_file(path, onnx_file.sha256, onnx_file.bytes)
+        except FileMismatch as exc:
+            raise RuntimeLoadError(str(exc)) from exc
         options = options or RuntimeOptions()
         providers = provider_options(
             backend, model_dir=Path(model_dir), input_spec=input_spec, precision=precision, options=options
@@ -134,7 +143,7 @@ def provider_options(
 def tensorrt_options(
     model_dir: Path, input_spec: TensorSpec, precision: str, options: RuntimeOptions
 ) -> dict[str, object]:
-    cache = Path(model_dir) / TRT_CACHE_DIR
+    cache = Path(model_dir) / ORT_TENSORRT_CACHE_DIR
     max_batch = max(TRT_MIN_PROFILE_MAX_BATCH, options.max_batch_size or 0)
     sample = "x".join(str(d) for d in input_spec.shape[1:])
 
@@ -151,7 +160,7 @@ def tensorrt_options(
         "trt_timing_cache_enable": True,
         "trt_timing_cache_path": str(cache),
         "trt_profile_min_shapes": shapes(1),
-        "trt_profile_opt_shapes": shapes(min(TRT_OPT_BATCH, max_batch)),
+        "trt_profile_opt_shapes": shapes(min(GPU_OPT_BATCH, max_batch)),
         "trt_profile_max_shapes": shapes(max_batch),
     }
 
@@ -199,19 +208,6 @@ def _onnx_file_for(manifest: Manifest, precision: str) -> tuple[OnnxFile, Tensor
             return variant.onnx, manifest.input
     built = ", ".join(["fp32", *(v.precision for v in manifest.precisions)])
     raise RuntimeLoadError(f"{manifest.name} has no {precision} build (built: {built})")
-
-
-def _verify_file(path: Path, expected: OnnxFile) -> None:
-    if not path.is_file():
-        raise RuntimeLoadError(f"{path} is missing")
-    size = path.stat().st_size
-    if size != expected.bytes:
-        raise RuntimeLoadError(f"{path.name} is {size} bytes, the manifest says {expected.bytes}")
-    digest = sha256_of(path)
-    if digest != expected.sha256:
-        raise RuntimeLoadError(
-            f"{path.name} sha256 {digest[:12]}... does not match the manifest's {expected.sha256[:12]}..."
-        )
 
 
 def _verify_signature(

@@ -27,24 +27,17 @@ import logging
 import queue
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from contract.manifest import Engine, Manifest, sha256_of
+from contract.gpu import GpuDevice, GpuProbeError, cuda_check, cuda_device, import_cudart
+from contract.manifest import Engine, FileMismatch, Manifest, verify_file
 from service.core.runtimes.base import BackendUnavailable, RuntimeLoadError, RuntimeOptions
 
 log = logging.getLogger(__name__)
 
 BACKEND = "tensorrt"
-
-
-@dataclass(frozen=True)
-class GpuDevice:
-    name: str
-    compute_capability: str  # "8.9"
-
 
 # ---------------------------------------------------------------------------------------------
 # Pure logic: which engine, how to slice a batch
@@ -122,28 +115,6 @@ def _import_tensorrt():
     return tensorrt
 
 
-def import_cudart():
-    """cuda-python's runtime API module (``cuda.bindings.runtime``; ``cuda.cudart`` before 12.6)."""
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        from cuda import cudart  # cuda-python < 12.6
-    return cudart
-
-
-def cuda_check(result):
-    """Unpack a cuda-python call's ``(error, *values)``; raise RuntimeError on an error."""
-    cudart = import_cudart()
-    err, *values = result if isinstance(result, tuple) else (result,)
-    if err != cudart.cudaError_t.cudaSuccess:
-        _, text = cudart.cudaGetErrorString(err)
-        detail = text.decode(errors="replace") if isinstance(text, bytes) else str(text)
-        raise RuntimeError(f"CUDA error {err}: {detail}")
-    if not values:
-        return None
-    return values[0] if len(values) == 1 else tuple(values)
-
-
 def _import_cudart():
     try:
         return import_cudart()
@@ -160,14 +131,9 @@ def _check(result):
 
 def current_device(cudart) -> GpuDevice:
     try:
-        count = _check(cudart.cudaGetDeviceCount())
-    except RuntimeError as exc:
-        raise BackendUnavailable(f"CUDA cannot see a GPU here ({exc})") from exc
-    if not count:
-        raise BackendUnavailable("CUDA reports no GPU on this machine")
-    props = _check(cudart.cudaGetDeviceProperties(0))
-    name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
-    return GpuDevice(name.rstrip("\x00").strip(), f"{props.major}.{props.minor}")
+        return cuda_device(cudart)
+    except GpuProbeError as exc:
+        raise BackendUnavailable(str(exc)) from exc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,7 +274,10 @@ class TensorRTRuntime:
             device=device,
         )
         path = Path(model_dir) / record.file
-        _verify(path, record)
+        try:
+            verify_file(path, record.sha256, record.bytes)
+        except FileMismatch as exc:
+            raise RuntimeLoadError(str(exc)) from exc
         logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(logger)
         engine = runtime.deserialize_cuda_engine(path.read_bytes())
@@ -362,14 +331,3 @@ def check_io(engine, trt, manifest: Manifest) -> None:
     for name in (*inputs, *outputs):
         if engine.get_tensor_dtype(name) not in allowed:
             raise RuntimeLoadError(f"tensor {name!r} is {engine.get_tensor_dtype(name)}, expected float")
-
-
-def _verify(path: Path, record: Engine) -> None:
-    if not path.is_file():
-        raise RuntimeLoadError(f"{path} is missing")
-    if record.bytes is not None and path.stat().st_size != record.bytes:
-        raise RuntimeLoadError(
-            f"{path.name} is {path.stat().st_size} bytes, the manifest says {record.bytes}"
-        )
-    if sha256_of(path) != record.sha256:
-        raise RuntimeLoadError(f"{path.name} does not match the sha256 in the manifest")
