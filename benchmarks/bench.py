@@ -43,7 +43,11 @@ from pathlib import Path
 import onnxruntime
 
 from benchmarks import inprocess, load, precision_speed, report
+from benchmarks.classify_requests import Image, generated_images
 from benchmarks.experiments import decomposition, guideline1
+from benchmarks.http_client import HttpError, http_get
+from benchmarks.load_output import progress_bar, write_results
+from benchmarks.load_results import LevelResult, levels_from
 from contract.manifest import Manifest
 from service.config import cpu_count
 
@@ -164,8 +168,8 @@ class Server:
             if self.process.poll() is not None:
                 raise SystemExit(f"the server exited with {self.process.returncode}; see {self.log_path}")
             try:
-                status, _ = load.run(load.http_get(self.url, "/readyz", timeout_s=2))
-            except (load.HttpError, TimeoutError):
+                status, _ = load.run(http_get(self.url, "/readyz", timeout_s=2))
+            except (HttpError, TimeoutError):
                 status = None
             if status == 200:
                 return self
@@ -185,7 +189,7 @@ class Server:
 
 
 def _batching(url: str) -> dict[str, str]:
-    status, body = load.run(load.http_get(url, "/models"))
+    status, body = load.run(http_get(url, "/models"))
     if status != 200:
         return {}
     described = {}
@@ -204,7 +208,7 @@ def compare(
     repository: Path,
     models: list[str],
     plan: Plan,
-    images: list[load.Image],
+    images: list[Image],
     server_pid: int | None = None,
 ) -> tuple[list[dict], list[dict], list[dict]]:
     """(c): the same work served and in-process, side by side in time.
@@ -219,8 +223,8 @@ def compare(
     config = load.LoadConfig(
         url=url, duration_s=plan.load_duration_s, warmup_s=plan.load_warmup_s, server_pid=server_pid
     )
-    levels = load.levels_from(plan.concurrency)
-    progress = load.progress_bar()
+    levels = levels_from(plan.concurrency)
+    progress = progress_bar()
     data = [image.data for image in images]
     latency_rows, throughput_rows, served_rows = [], [], []
     for repeat in range(plan.repeats):
@@ -259,7 +263,7 @@ def run(repository: Path, models: list[str], plan: Plan, out_dir: Path, url: str
     started = datetime.now().astimezone()
     clock = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
-    jpegs = load.generated_images(plan.images)
+    jpegs = generated_images(plan.images)
     results: dict = {
         "started": started.isoformat(timespec="seconds"),
         "machine": _machine(),
@@ -351,10 +355,9 @@ def _write(out_dir: Path, results: dict) -> None:
             decomposition.table(report._decomposition_rows(results)) + "\n"
         )
     levels = [
-        load.LevelResult(**{k: v for k, v in row.items() if k != "repeat"})
-        for row in results["served"]["levels"]
+        LevelResult(**{k: v for k, v in row.items() if k != "repeat"}) for row in results["served"]["levels"]
     ]
-    load.write_results(out_dir, levels, {"url": results["served"]["url"]})
+    write_results(out_dir, levels, {"url": results["served"]["url"]})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,11 @@ The generator is one thread running one event loop over plain HTTP/1.1 keep-aliv
 every request's bytes built in advance, so it costs the machine little; it measures the CPU time of
 that thread and reports it per level. Results: a table on the terminal (a progress line while it
 runs) and ``load.json`` + ``load.csv`` under ``--out`` (default ``benchmarks/results/load-<time>/``).
+
+The parts, by concern: ``classify_requests`` (the images and the prepared requests),
+``http_client`` (the keep-alive client), ``server_metrics`` (the server's histograms),
+``load_results`` (levels, one level's result and its statistics), ``load_output`` (progress bar,
+table, JSON and CSV). This module runs the levels (closed and open loop) and is the command line.
 """
 
 from __future__ import annotations
@@ -29,342 +34,34 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import csv
 import json
 import math
 import random
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from urllib.parse import quote, urlsplit
-
-from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks import cpu_time
+from benchmarks.classify_requests import Image, build_requests, folder_images, generated_images
+from benchmarks.http_client import Connection, HttpError, address, http_get
+from benchmarks.load_output import Progress, format_table, progress_bar, write_results
+from benchmarks.load_results import (
+    Level,
+    LevelResult,
+    latency_summary,
+    levels_from,
+    percentile,
+    server_histogram_summary,
+)
+from benchmarks.server_metrics import scrape
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-QUANTILES = (0.5, 0.9, 0.95, 0.99)
-IMAGE_SUFFIXES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp"}
-REQUEST_HISTOGRAM = "classifier_request_duration_seconds"
-STAGE_HISTOGRAMS = {
-    "decode": "classifier_decode_duration_seconds",
-    "queue": "classifier_queue_duration_seconds",
-    "inference": "classifier_inference_duration_seconds",
-}
 TRANSPORT_ERROR = "connection"
 TIMEOUT_ERROR = "timeout"
-
-
-# ---------------------------------------------------------------------------------------------
-# Inputs
-
-
-@dataclass(frozen=True)
-class Image:
-    name: str
-    data: bytes
-    content_type: str
-
-
-def generated_images(count: int = 8, width: int = 500, height: int = 375) -> list[Image]:
-    """``count`` distinct deterministic JPEG photos (seeds 0..count-1)."""
-    from contract.photos import photo_jpeg
-
-    return [
-        Image(f"photo_{seed}.jpg", photo_jpeg(width, height, seed), "image/jpeg") for seed in range(count)
-    ]
-
-
-def folder_images(folder: Path) -> list[Image]:
-    """Every JPEG, PNG and WebP file directly in ``folder``, by name."""
-    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not paths:
-        raise SystemExit(f"no .jpg/.jpeg/.png/.webp images in {folder}")
-    return [Image(p.name, p.read_bytes(), IMAGE_SUFFIXES[p.suffix.lower()]) for p in paths]
-
-
-@dataclass(frozen=True)
-class Level:
-    """One load level: ``concurrency`` connections in a closed loop, or ``rate`` requests/s open loop."""
-
-    mode: str  # "concurrency" or "rate"
-    value: float
-
-    def __str__(self) -> str:
-        return f"c={self.value:g}" if self.mode == "concurrency" else f"{self.value:g}/s"
-
-
-def levels_from(concurrency: Iterable[int] = (), rates: Iterable[float] = ()) -> list[Level]:
-    return [Level("concurrency", c) for c in concurrency] + [Level("rate", r) for r in rates]
-
-
-def build_requests(
-    host: str, model: str, images: Sequence[Image], *, top_k: int = 5, files_per_request: int = 1
-) -> list[bytes]:
-    """The complete bytes of one request per image (or per group of images, as multipart)."""
-    target = f"/classify?model={quote(model, safe='')}&top_k={top_k}"
-    requests = []
-    for i in range(len(images)):
-        if files_per_request == 1:
-            image = images[i]
-            body, content_type = image.data, image.content_type
-        else:
-            group = [images[(i + j) % len(images)] for j in range(files_per_request)]
-            body, content_type = _multipart(group)
-        head = (
-            f"POST {target} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\n"
-            f"Content-Length: {len(body)}\r\nUser-Agent: benchmarks.load\r\n\r\n"
-        )
-        requests.append(head.encode("latin-1") + body)
-    return requests
-
-
-def _multipart(images: Sequence[Image]) -> tuple[bytes, str]:
-    boundary = "benchmarks-load-7d1f0c"
-    parts = []
-    for image in images:
-        parts.append(
-            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{image.name}"\r\n'
-            f"Content-Type: {image.content_type}\r\n\r\n".encode("latin-1")
-            + image.data
-            + b"\r\n"
-        )
-    body = b"".join(parts) + f"--{boundary}--\r\n".encode("latin-1")
-    return body, f"multipart/form-data; boundary={boundary}"
-
-
-# ---------------------------------------------------------------------------------------------
-# A minimal HTTP/1.1 keep-alive client: a general-purpose client costs several times the CPU per
-# request, and this one only ever talks to our own server.
-
-
-class HttpError(Exception):
-    """The connection failed or the response could not be read."""
-
-
-class Connection:
-    """One keep-alive connection; ``exchange`` sends a prepared request and reads the response."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.host = host
-        self.port = port
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
-
-    async def exchange(self, raw: bytes) -> tuple[int, bytes]:
-        """(status, body) for the request bytes ``raw``. Raises HttpError; the connection is then closed."""
-        try:
-            if self._writer is None:
-                self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
-            assert self._reader is not None
-            self._writer.write(raw)
-            head = await self._reader.readuntil(b"\r\n\r\n")
-            status, length, chunked, close = _parse_head(head)
-            if chunked:
-                body = await _read_chunked(self._reader)
-            elif length is not None:
-                body = await self._reader.readexactly(length)
-            else:  # no length: the body runs to the end of the connection
-                body = await self._reader.read()
-                close = True
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
-            self.close()
-            raise HttpError(f"{type(exc).__name__}: {exc}") from exc
-        except BaseException:
-            self.close()  # cancelled mid-exchange: the stream is in an unknown state
-            raise
-        if close:
-            self.close()
-        return status, body
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-        self._reader = self._writer = None
-
-
-def _parse_head(head: bytes) -> tuple[int, int | None, bool, bool]:
-    lines = head.split(b"\r\n")
-    status = int(lines[0].split(b" ", 2)[1])
-    length, chunked, close = None, False, False
-    for line in lines[1:]:
-        name, _, value = line.partition(b":")
-        name = name.strip().lower()
-        if name == b"content-length":
-            length = int(value)
-        elif name == b"transfer-encoding":
-            chunked = b"chunked" in value.lower()
-        elif name == b"connection":
-            close = b"close" in value.lower()
-    return status, length, chunked, close
-
-
-async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
-    parts = []
-    while True:
-        size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
-        if size == 0:
-            await reader.readuntil(b"\r\n")
-            return b"".join(parts)
-        parts.append(await reader.readexactly(size))
-        await reader.readexactly(2)
-
-
-async def http_get(url: str, path: str, timeout_s: float = 10.0) -> tuple[int, bytes]:
-    host, port = _address(url)
-    connection = Connection(host, port)
-    try:
-        raw = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode("latin-1")
-        return await asyncio.wait_for(connection.exchange(raw), timeout_s)
-    finally:
-        connection.close()
-
-
-def _address(url: str) -> tuple[str, int]:
-    parts = urlsplit(url)
-    if parts.scheme != "http" or not parts.hostname:
-        raise SystemExit(f"--url must be http://HOST[:PORT], got {url!r}")
-    return parts.hostname, parts.port or 80
-
-
-# ---------------------------------------------------------------------------------------------
-# The server's histograms
-
-
-@dataclass(frozen=True)
-class Histogram:
-    """Cumulative bucket counts of one Prometheus histogram series (``bounds`` end with +inf)."""
-
-    bounds: tuple[float, ...]
-    counts: tuple[float, ...]
-    total_sum: float
-
-    @property
-    def count(self) -> float:
-        return self.counts[-1] if self.counts else 0.0
-
-    def __sub__(self, other: Histogram) -> Histogram:
-        if other.bounds != self.bounds:
-            raise ValueError("histograms with different buckets")
-        counts = tuple(a - b for a, b in zip(self.counts, other.counts, strict=True))
-        return Histogram(self.bounds, counts, self.total_sum - other.total_sum)
-
-    def bucket_index(self, q: float) -> int | None:
-        """Index of the bucket holding quantile ``q`` (the first whose cumulative count reaches it)."""
-        if self.count <= 0:
-            return None
-        rank = q * self.count
-        for i, cumulative in enumerate(self.counts):
-            if cumulative >= rank:
-                return i
-        return len(self.counts) - 1
-
-    def bucket(self, q: float) -> tuple[float, float] | None:
-        """(lower, upper] bounds in seconds of the bucket holding quantile ``q``."""
-        i = self.bucket_index(q)
-        if i is None:
-            return None
-        return (self.bounds[i - 1] if i else 0.0), self.bounds[i]
-
-    def quantile(self, q: float) -> float | None:
-        """Prometheus ``histogram_quantile``: linear interpolation inside the bucket."""
-        i = self.bucket_index(q)
-        if i is None:
-            return None
-        lower = self.bounds[i - 1] if i else 0.0
-        upper = self.bounds[i]
-        if math.isinf(upper):
-            return lower
-        below = self.counts[i - 1] if i else 0.0
-        inside = self.counts[i] - below
-        return lower + (upper - lower) * ((q * self.count - below) / inside if inside else 1.0)
-
-
-def bucket_index_of(bounds: Sequence[float], seconds: float) -> int:
-    """Index of the bucket (lower, upper] that holds ``seconds``."""
-    for i, upper in enumerate(bounds):
-        if seconds <= upper:
-            return i
-    return len(bounds) - 1
-
-
-def within_one_bucket(histogram: Histogram, q: float, client_seconds: float) -> bool:
-    """Whether the client's quantile falls in the server's bucket for ``q`` or one next to it."""
-    server = histogram.bucket_index(q)
-    if server is None:
-        return False
-    return abs(bucket_index_of(histogram.bounds, client_seconds) - server) <= 1
-
-
-@dataclass(frozen=True)
-class Scrape:
-    """What one /metrics scrape says per model: request histogram, stage sums/counts, codes."""
-
-    requests: dict[str, Histogram]
-    stage_sums: dict[tuple[str, str], tuple[float, float]]  # (model, stage) -> (sum, count)
-
-    def request_delta(self, model: str, before: Scrape) -> Histogram | None:
-        after_h, before_h = self.requests.get(model), before.requests.get(model)
-        if after_h is None:
-            return None
-        return after_h - before_h if before_h is not None else after_h
-
-    def stage_mean_delta(self, model: str, stage: str, before: Scrape) -> float | None:
-        total, count = self.stage_sums.get((model, stage), (0.0, 0.0))
-        total0, count0 = before.stage_sums.get((model, stage), (0.0, 0.0))
-        return (total - total0) / (count - count0) if count > count0 else None
-
-
-def parse_metrics(text: str) -> Scrape:
-    buckets: dict[str, list[tuple[float, float]]] = {}
-    sums: dict[str, float] = {}
-    stage_sums: dict[tuple[str, str], list[float]] = {}
-    stage_of = {name: stage for stage, name in STAGE_HISTOGRAMS.items()}
-    for family in text_string_to_metric_families(text):
-        if family.name == REQUEST_HISTOGRAM:
-            for sample in family.samples:
-                model = sample.labels.get("model", "")
-                if sample.name.endswith("_bucket"):
-                    buckets.setdefault(model, []).append((float(sample.labels["le"]), sample.value))
-                elif sample.name.endswith("_sum"):
-                    sums[model] = sample.value
-        elif family.name in stage_of:
-            stage = stage_of[family.name]
-            for sample in family.samples:
-                model = sample.labels.get("model", "")
-                entry = stage_sums.setdefault((model, stage), [0.0, 0.0])
-                # The inference histogram has a backend label too: add its series up per model.
-                if sample.name.endswith("_sum"):
-                    entry[0] += sample.value
-                elif sample.name.endswith("_count"):
-                    entry[1] += sample.value
-    requests = {}
-    for model, pairs in buckets.items():
-        pairs.sort()
-        requests[model] = Histogram(
-            tuple(b for b, _ in pairs), tuple(c for _, c in pairs), sums.get(model, 0.0)
-        )
-    return Scrape(requests, {key: (v[0], v[1]) for key, v in stage_sums.items()})
-
-
-async def scrape(url: str) -> Scrape | None:
-    """The server's histograms, or None when /metrics cannot be read (the report then says so)."""
-    try:
-        status, body = await http_get(url, "/metrics")
-    except (HttpError, TimeoutError):
-        return None
-    return parse_metrics(body.decode("utf-8", "replace")) if status == 200 else None
-
-
-async def ready_models(url: str) -> list[str]:
-    status, body = await http_get(url, "/models")
-    if status != 200:
-        raise SystemExit(f"GET {url}/models answered {status}: {body[:200]!r}")
-    return [m["name"] for m in json.loads(body)["models"] if m.get("status") == "ready"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -520,95 +217,6 @@ async def _open_loop(
 
 
 @dataclass
-class LevelResult:
-    """One model at one load level: the client's measurements and the server's, side by side."""
-
-    model: str
-    mode: str
-    level: float
-    duration_s: float
-    requests: int
-    ok: int
-    images: int
-    requests_per_s: float
-    images_per_s: float
-    latency_ms: dict[str, float | None]  # p50, p90, p95, p99, mean, min, max (successful requests)
-    errors: dict[str, int]
-    server_timings_ms: dict[str, dict[str, float]]  # stage -> {"mean", "p50"} from timings_ms
-    server_histogram: dict[str, object] | None  # request histogram of the same window, from /metrics
-    client_cpu_s: float
-    client_cpu_percent: float  # of one core
-    client_cpu_us_per_request: float
-    target_rate: float | None = None
-    late_starts: int = 0
-    connections: int = 0
-    # With LoadConfig.server_pid: the server's CPU per request (event loop, other threads) and the
-    # machine's idle share over the same window (benchmarks/cpu_time.py).
-    server_cpu: dict[str, float] | None = None
-
-    @property
-    def label(self) -> str:
-        return str(Level(self.mode, self.level))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """Linear interpolation between closest ranks (NumPy's default method); None when empty."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    position = q * (len(ordered) - 1)
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
-def _latency_summary(seconds: Sequence[float]) -> dict[str, float | None]:
-    summary: dict[str, float | None] = {}
-    for q in QUANTILES:
-        value = percentile(seconds, q)
-        summary[f"p{round(q * 100)}"] = None if value is None else value * 1000
-    summary["mean"] = sum(seconds) / len(seconds) * 1000 if seconds else None
-    summary["min"] = min(seconds) * 1000 if seconds else None
-    summary["max"] = max(seconds) * 1000 if seconds else None
-    return summary
-
-
-def _server_histogram_summary(
-    model: str, before: Scrape | None, after: Scrape | None, client_s: Sequence[float]
-) -> dict[str, object] | None:
-    if before is None or after is None:
-        return None
-    histogram = after.request_delta(model, before)
-    if histogram is None or histogram.count <= 0:
-        return None
-    # Bucket bounds as Prometheus writes them ("+Inf", not a float): the JSON stays standard.
-    bounds = ["+Inf" if math.isinf(b) else f"{b:g}" for b in histogram.bounds]
-    summary: dict[str, object] = {
-        "count": histogram.count,
-        "le": bounds,
-        "cumulative_counts": list(histogram.counts),
-    }
-    for q in (0.5, 0.99):
-        name = f"p{round(q * 100)}"
-        bucket = histogram.bucket(q)
-        estimate = histogram.quantile(q)
-        client = percentile(client_s, q)
-        summary[name] = {
-            "bucket_ms": [bucket[0] * 1000, bucket[1] * 1000] if bucket else None,
-            "estimate_ms": None if estimate is None else estimate * 1000,
-            "client_within_one_bucket": None if client is None else within_one_bucket(histogram, q, client),
-        }
-    summary["stage_means_ms"] = {
-        stage: (None if (mean := after.stage_mean_delta(model, stage, before)) is None else mean * 1000)
-        for stage in STAGE_HISTOGRAMS
-    }
-    return summary
-
-
-@dataclass
 class LoadConfig:
     url: str
     duration_s: float = 10.0
@@ -623,9 +231,6 @@ class LoadConfig:
     server_pid: int | None = None  # a server on this machine: its CPU is read around each level
 
 
-Progress = Callable[[str, float, int, float], None]  # label, elapsed_s, requests, duration_s
-
-
 async def run_level(
     config: LoadConfig,
     model: str,
@@ -634,7 +239,7 @@ async def run_level(
     progress: Progress | None = None,
 ) -> LevelResult:
     """Warm up, then measure one model at one level; the server's histograms are read around it."""
-    host, port = _address(config.url)
+    host, port = address(config.url)
     requests = build_requests(
         f"{host}:{port}", model, images, top_k=config.top_k, files_per_request=config.files_per_request
     )
@@ -705,11 +310,11 @@ async def run_level(
         images=window.images,
         requests_per_s=len(latencies) / elapsed if elapsed > 0 else 0.0,
         images_per_s=window.images / elapsed if elapsed > 0 else 0.0,
-        latency_ms=_latency_summary(latencies),
+        latency_ms=latency_summary(latencies),
         errors=dict(sorted(window.errors.items())),
         server_timings_ms=server_timings,
         # The server's histogram holds every answer, errors included: compare it with the same set.
-        server_histogram=_server_histogram_summary(model, before, after, window.answered),
+        server_histogram=server_histogram_summary(model, before, after, window.answered),
         client_cpu_s=cpu_s,
         client_cpu_percent=100.0 * cpu_s / elapsed if elapsed > 0 else 0.0,
         client_cpu_us_per_request=1e6 * cpu_s / window.sent if window.sent else 0.0,
@@ -754,194 +359,6 @@ def run(coroutine):
         return asyncio.run(coroutine)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(coroutine)
-
-
-# ---------------------------------------------------------------------------------------------
-# Output
-
-
-def progress_bar(stream=sys.stderr) -> Progress | None:
-    """A one-line progress bar on ``stream`` when it is a terminal, else None (no progress output)."""
-    if not stream.isatty():
-        return None
-
-    def show(label: str, elapsed_s: float, sent: int, duration_s: float) -> None:
-        done = min(1.0, elapsed_s / duration_s) if duration_s > 0 else 1.0
-        bar = "#" * round(done * 24)
-        rate = sent / elapsed_s if elapsed_s > 0 else 0.0
-        stream.write(
-            f"\r{label:<28} [{bar:<24}] {elapsed_s:5.1f}/{duration_s:.0f} s {sent:6d} req {rate:7.1f}/s"
-        )
-        stream.flush()
-        if done >= 1.0:
-            stream.write("\r" + " " * 90 + "\r")
-
-    return show
-
-
-CSV_COLUMNS = (
-    "model",
-    "mode",
-    "level",
-    "duration_s",
-    "requests",
-    "ok",
-    "images",
-    "requests_per_s",
-    "images_per_s",
-    "p50_ms",
-    "p90_ms",
-    "p95_ms",
-    "p99_ms",
-    "mean_ms",
-    "errors",
-    "server_decode_ms",
-    "server_queue_ms",
-    "server_inference_ms",
-    "server_total_ms",
-    "server_p50_bucket_ms",
-    "server_p99_bucket_ms",
-    "client_cpu_percent",
-    "client_cpu_us_per_request",
-    "server_event_loop_ms_per_request",
-    "server_other_threads_ms_per_request",
-    "machine_idle_percent",
-)
-
-
-def _fmt(value: float | None, digits: int = 1) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def _bucket_text(result: LevelResult, name: str) -> str:
-    histogram = result.server_histogram or {}
-    entry = histogram.get(name)
-    if not isinstance(entry, dict) or not entry.get("bucket_ms"):
-        return "-"
-    low, high = entry["bucket_ms"]
-    return f"({low:g},{high:g}]"
-
-
-def _errors_text(errors: dict[str, int]) -> str:
-    return " ".join(f"{code}:{n}" for code, n in errors.items()) or "0"
-
-
-def csv_row(result: LevelResult) -> dict[str, object]:
-    stages = result.server_timings_ms
-    cpu = result.server_cpu or {}
-    return {
-        "model": result.model,
-        "mode": result.mode,
-        "level": result.level,
-        "duration_s": round(result.duration_s, 3),
-        "requests": result.requests,
-        "ok": result.ok,
-        "images": result.images,
-        "requests_per_s": round(result.requests_per_s, 2),
-        "images_per_s": round(result.images_per_s, 2),
-        **{f"{k}_ms": _round(result.latency_ms.get(k)) for k in ("p50", "p90", "p95", "p99", "mean")},
-        "errors": _errors_text(result.errors),
-        **{
-            f"server_{s}_ms": _round(stages.get(s, {}).get("mean"))
-            for s in ("decode", "queue", "inference", "total")
-        },
-        "server_p50_bucket_ms": _bucket_text(result, "p50"),
-        "server_p99_bucket_ms": _bucket_text(result, "p99"),
-        "client_cpu_percent": round(result.client_cpu_percent, 2),
-        "client_cpu_us_per_request": round(result.client_cpu_us_per_request, 1),
-        "server_event_loop_ms_per_request": _round(cpu.get("event_loop_ms_per_request")),
-        "server_other_threads_ms_per_request": _round(cpu.get("other_threads_ms_per_request")),
-        "machine_idle_percent": _round(cpu.get("machine_idle_percent")),
-    }
-
-
-def _round(value: float | None) -> float | None:
-    return None if value is None else round(value, 3)
-
-
-def format_table(results: Sequence[LevelResult]) -> str:
-    """perf_analyzer-style summary: one row per model and level."""
-    header = (
-        "model",
-        "load",
-        "req/s",
-        "img/s",
-        "p50 ms",
-        "p90",
-        "p95",
-        "p99",
-        "errors",
-        "decode",
-        "queue",
-        "infer",
-        "server p50 bucket",
-        "server p99 bucket",
-        "client CPU",
-    )
-    with_server_cpu = any(r.server_cpu for r in results)
-    if with_server_cpu:
-        header += ("loop ms/req", "threads ms/req", "idle")
-    rows = [header]
-    for r in results:
-        stages = r.server_timings_ms
-        cpu = r.server_cpu or {}
-        server_cells = (
-            (
-                _fmt(cpu.get("event_loop_ms_per_request"), 3),
-                _fmt(cpu.get("other_threads_ms_per_request"), 3),
-                _fmt(cpu.get("machine_idle_percent")) + ("%" if cpu else ""),
-            )
-            if with_server_cpu
-            else ()
-        )
-        rows.append(
-            (
-                r.model,
-                r.label,
-                _fmt(r.requests_per_s),
-                _fmt(r.images_per_s),
-                *(_fmt(r.latency_ms.get(k), 2) for k in ("p50", "p90", "p95", "p99")),
-                _errors_text(r.errors),
-                *(_fmt(stages.get(s, {}).get("mean"), 2) for s in ("decode", "queue", "inference")),
-                _bucket_text(r, "p50"),
-                _bucket_text(r, "p99"),
-                f"{r.client_cpu_percent:.1f}%",
-                *server_cells,
-            )
-        )
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
-    lines = []
-    for n, row in enumerate(rows):
-        cells = [
-            str(c).ljust(w) if i < 2 else str(c).rjust(w)
-            for i, (c, w) in enumerate(zip(row, widths, strict=True))
-        ]
-        lines.append("  ".join(cells))
-        if n == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    lines.append(
-        "latencies in ms; decode/queue/infer: server means from timings_ms; client CPU: % of one core"
-        + (
-            "; loop/threads: the server's event-loop thread and its other threads, CPU ms per request;"
-            " idle: the machine's idle share"
-            if with_server_cpu
-            else ""
-        )
-    )
-    return "\n".join(lines)
-
-
-def write_results(out_dir: Path, results: Sequence[LevelResult], meta: dict) -> tuple[Path, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / "load.json"
-    json_path.write_text(json.dumps({**meta, "results": [r.to_dict() for r in results]}, indent=2) + "\n")
-    csv_path = out_dir / "load.csv"
-    with csv_path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        for result in results:
-            writer.writerow(csv_row(result))
-    return json_path, csv_path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1009,6 +426,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.files_per_request < 1:
         parser.error("--files-per-request must be >= 1")
     return args
+
+
+async def ready_models(url: str) -> list[str]:
+    """The models the server at ``url`` answers for now (status ``ready`` in ``/models``)."""
+    status, body = await http_get(url, "/models")
+    if status != 200:
+        raise SystemExit(f"GET {url}/models answered {status}: {body[:200]!r}")
+    return [m["name"] for m in json.loads(body)["models"] if m.get("status") == "ready"]
 
 
 async def _main(args: argparse.Namespace) -> int:

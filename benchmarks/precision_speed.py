@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.text_table import text_table
 from contract.zoo import split_precision
 
 
@@ -145,10 +146,7 @@ def format_table(timings: list[PrecisionTiming]) -> str:
                 f"{agree:.1%}" if agree is not None else "-",
             )
         )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in lines]
-    text.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(text)
+    return text_table(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import json
 import shlex
@@ -12,6 +13,11 @@ import pytest
 from prometheus_client import generate_latest
 
 from benchmarks import load
+from benchmarks.classify_requests import build_requests, generated_images
+from benchmarks.http_client import Connection
+from benchmarks.load_results import Level, percentile
+from benchmarks.server_metrics import Histogram, Scrape, parse_metrics, within_one_bucket
+from benchmarks.text_table import text_table
 from service.core.metrics import LATENCY_BUCKETS_S, Metrics
 from tests.live_server import ServiceProcess, wait_ready
 
@@ -24,14 +30,14 @@ MODEL = "shufflenet_v2"
 @pytest.mark.parametrize("q", [0.0, 0.5, 0.9, 0.95, 0.99, 1.0])
 def test_percentile_matches_numpy(q):
     values = list(np.random.default_rng(0).exponential(0.01, 501))
-    assert load.percentile(values, q) == pytest.approx(float(np.percentile(values, q * 100)))
-    assert load.percentile([], q) is None
+    assert percentile(values, q) == pytest.approx(float(np.percentile(values, q * 100)))
+    assert percentile([], q) is None
 
 
-def _histogram(observations: list[float]) -> load.Histogram:
+def _histogram(observations: list[float]) -> Histogram:
     bounds = (*LATENCY_BUCKETS_S, float("inf"))
     counts = tuple(float(sum(1 for v in observations if v <= b)) for b in bounds)
-    return load.Histogram(bounds, counts, sum(observations))
+    return Histogram(bounds, counts, sum(observations))
 
 
 def test_histogram_bucket_and_quantile_follow_prometheus():
@@ -49,11 +55,11 @@ def test_histogram_bucket_and_quantile_follow_prometheus():
 
 def test_within_one_bucket_accepts_the_neighbours_and_nothing_further():
     histogram = _histogram([0.012] * 10)  # every quantile in (10, 15] ms
-    assert load.within_one_bucket(histogram, 0.5, 0.013)  # same bucket
-    assert load.within_one_bucket(histogram, 0.5, 0.009)  # (7.5, 10]: one below
-    assert load.within_one_bucket(histogram, 0.5, 0.019)  # (15, 20]: one above
-    assert not load.within_one_bucket(histogram, 0.5, 0.007)  # two below
-    assert not load.within_one_bucket(histogram, 0.5, 0.025)  # two above
+    assert within_one_bucket(histogram, 0.5, 0.013)  # same bucket
+    assert within_one_bucket(histogram, 0.5, 0.009)  # (7.5, 10]: one below
+    assert within_one_bucket(histogram, 0.5, 0.019)  # (15, 20]: one above
+    assert not within_one_bucket(histogram, 0.5, 0.007)  # two below
+    assert not within_one_bucket(histogram, 0.5, 0.025)  # two above
 
 
 def test_parse_metrics_reads_the_services_own_exposition():
@@ -63,26 +69,68 @@ def test_parse_metrics_reads_the_services_own_exposition():
     metrics.observe_decode("a", 0.002)
     metrics.observe_decode("a", 0.004)
     metrics.observe_batch("a", "onnxruntime-cpu", 1, 0.006)
-    scrape = load.parse_metrics(generate_latest(metrics.registry).decode())
+    scrape = parse_metrics(generate_latest(metrics.registry).decode())
     histogram = scrape.requests["a"]
     assert histogram.count == 4
     assert histogram.total_sum == pytest.approx(0.219)
     assert histogram.bucket(0.5) == (0.003, 0.005)
     assert scrape.requests["b"].count == 0
-    nothing = load.Scrape({}, {})
+    nothing = Scrape({}, {})
     assert scrape.stage_mean_delta("a", "decode", nothing) == pytest.approx(0.003)
     assert scrape.stage_mean_delta("a", "inference", nothing) == pytest.approx(0.006)
     assert scrape.stage_mean_delta("b", "decode", nothing) is None
 
 
 def test_requests_are_built_complete_with_their_length():
-    images = load.generated_images(2, 64, 48)
-    raw = load.build_requests("h:1", "mobilenet_v2", images)
+    images = generated_images(2, 64, 48)
+    raw = build_requests("h:1", "mobilenet_v2", images)
     head, body = raw[0].split(b"\r\n\r\n", 1)
     assert head.startswith(b"POST /classify?model=mobilenet_v2&top_k=5 HTTP/1.1\r\n")
     assert f"Content-Length: {len(images[0].data)}".encode() in head and body == images[0].data
-    multipart = load.build_requests("h:1", "m", images, files_per_request=2)[0]
+    multipart = build_requests("h:1", "m", images, files_per_request=2)[0]
     assert multipart.count(b'name="file"') == 2
+
+
+def test_the_client_reads_chunked_bodies_and_honours_connection_close():
+    answers = [
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3;x=1\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+        b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\nConnection: close\r\n\r\nno",
+    ]
+    connections = []
+
+    async def answer(reader, writer):
+        connections.append(writer)
+        for raw in answers[len(connections) - 1 :]:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(raw)
+            await writer.drain()
+        writer.close()
+
+    async def exchange_twice():
+        server = await asyncio.start_server(answer, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        connection = Connection("127.0.0.1", port)
+        request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+        try:
+            return await connection.exchange(request), await connection.exchange(request), connection
+        finally:
+            server.close()
+
+    first, second, connection = asyncio.run(exchange_twice())
+    assert first == (200, b"abcde") and second == (404, b"no")
+    # Both answers came over one kept-alive connection, which the second one then closed.
+    assert len(connections) == 1 and connection._writer is None
+
+
+def test_text_table_aligns_text_left_and_numbers_right():
+    table = text_table([("model", "req/s"), ("a", "1.5"), ("longer", "100.0")], left_aligned=1)
+    assert table.splitlines() == [
+        "model   req/s",
+        "------  -----",
+        "a         1.5",
+        "longer  100.0",
+    ]
+    assert text_table([("a", "b"), ("ccc", "d")]).splitlines()[0] == "a    b"
 
 
 # --- against a real server -------------------------------------------------------------------------
@@ -106,12 +154,12 @@ def server(built_repository, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def images():
-    return load.generated_images(4)
+    return generated_images(4)
 
 
 def test_closed_loop_agrees_with_the_servers_histogram_within_one_bucket(server, images):
     config = load.LoadConfig(url=server.url, duration_s=2.0, warmup_s=0.5)
-    result = load.run(load.run_level(config, MODEL, load.Level("concurrency", 4), images))
+    result = load.run(load.run_level(config, MODEL, Level("concurrency", 4), images))
     assert result.errors == {} and result.ok == result.requests > 20
     histogram = result.server_histogram
     assert histogram is not None
@@ -131,7 +179,7 @@ def test_closed_loop_agrees_with_the_servers_histogram_within_one_bucket(server,
 
 def test_open_loop_keeps_its_schedule_and_counts_from_it(server, images):
     config = load.LoadConfig(url=server.url, duration_s=1.5, warmup_s=0.3)
-    result = load.run(load.run_level(config, MODEL, load.Level("rate", 40), images))
+    result = load.run(load.run_level(config, MODEL, Level("rate", 40), images))
     assert result.target_rate == 40
     assert abs(result.requests - 60) <= 2, result.requests
     assert result.ok == result.requests and result.errors == {}
@@ -141,7 +189,7 @@ def test_open_loop_keeps_its_schedule_and_counts_from_it(server, images):
 
 def test_errors_are_counted_by_status_code(server, images):
     config = load.LoadConfig(url=server.url, duration_s=0.5, warmup_s=0, max_requests=7)
-    result = load.run(load.run_level(config, "no_such_model", load.Level("concurrency", 2), images))
+    result = load.run(load.run_level(config, "no_such_model", Level("concurrency", 2), images))
     assert result.ok == 0 and result.errors == {"404": 7} and result.requests == 7
     assert result.latency_ms["p50"] is None
 
