@@ -3,6 +3,8 @@ decomposition by operator kind from ONNX Runtime's profiler."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -98,6 +100,15 @@ def test_guideline1_run_and_table_in_the_papers_layout():
     assert lines[0].startswith("| c1:c2 | (c1,c2) for x1 | img/s x1 | MAC (M) x1 | MFLOPs x1 |")
     assert [line.split(" | ")[0] for line in lines[2:]] == ["| 1:1", "| 1:2", "| 1:6", "| 1:12"]
     assert "| (20,245) |" in lines[-1]
+
+
+def test_guideline1_command_prints_the_table_and_writes_the_rows(tmp_path, capsys):
+    out = tmp_path / "guideline1.json"
+    argv = ["--widths", "1", "--duration", "0.02", "--repeats", "1", "--json", str(out)]
+    assert guideline1.main(argv) == 0
+    assert capsys.readouterr().out.startswith("| c1:c2 |")
+    rows = json.loads(out.read_text())
+    assert [(row["ratio"], row["width"]) for row in rows] == [(ratio, 1) for ratio in guideline1.PAIRS]
 
 
 # --- decomposition ---------------------------------------------------------------------------------

@@ -40,6 +40,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from benchmarks.experiments import print_rows
+
 KINDS = ("convolution", "element-wise", "data movement", "shuffle", "pooling", "other")
 
 _KIND_OF_OP = {
@@ -277,9 +279,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"profiling {model} ({level})", file=sys.stderr)
             path = args.repository / model / "model.onnx"
             rows.append(profile(path, runs=args.runs, intra_op_threads=args.threads, optimization=level))
-    print(table(rows))
-    if args.json:
-        args.json.write_text(json.dumps([row.to_dict() for row in rows], indent=2) + "\n")
+    print_rows(table(rows), rows, args.json)
     return 0
 
 

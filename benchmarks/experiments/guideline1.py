@@ -23,7 +23,6 @@ intra-op thread by default, as the paper's ARM column was measured on one thread
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -34,6 +33,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from benchmarks.experiments import print_rows
 from benchmarks.inprocess import Spread
 
 BLOCKS = 10
@@ -278,9 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         intra_op_threads=args.threads,
         progress=lambda message: print(message, file=sys.stderr),
     )
-    print(table(rows))
-    if args.json:
-        args.json.write_text(json.dumps([row.to_dict() for row in rows], indent=2) + "\n")
+    print_rows(table(rows), rows, args.json)
     return 0
 
 
