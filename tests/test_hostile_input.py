@@ -1,5 +1,5 @@
-"""The hostile corpus (tests/workloads.py): every case gets its DESIGN.md status and error body, and
-none of them crashes the server, leaks its memory or holds up the clients beside it.
+"""The hostile corpus (tests/workloads.py): every case gets the status and error body the API promises
+for it, and none of them crashes the server, leaks its memory or holds up the clients beside it.
 
 In-process first (each case, then a good request), then against a real ``python -m service``: the
 corpus in rounds while a neighbour's good requests are timed, the process's resident memory after

@@ -48,9 +48,10 @@ TopK = Annotated[
 ]
 _TOP_K = TypeAdapter(TopK)
 
-# pydantic-core's compiled serializer, driven by the response type: as fast as to_json() on the
-# same dict (~3 us for a top-5 answer), and the bytes follow the documented schema.
-_encode_classification = TypeAdapter(Classification).dump_json
+# pydantic-core's compiled serializer for the response type, called directly (TypeAdapter.dump_json
+# adds ~0.8 us of Python around it): within ~0.2 us of to_json() on the same dict, ~2.7 us for a top-5
+# answer, and the bytes follow the documented schema.
+_encode_classification = TypeAdapter(Classification).serializer.to_json
 
 
 class ClassificationResponse(Response):

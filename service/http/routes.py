@@ -12,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.core.repository import ServedModel
-from service.errors import NotFound, NotReady, Unauthorized, UnknownModel, shown
+from service.errors import InvalidParameter, NotFound, NotReady, Unauthorized, UnknownModel, shown
 from service.http.errors import error_response
 from service.http.schemas import (
     Health,
@@ -35,7 +35,11 @@ async def list_models(request: Request) -> JSONResponse:
 
 @router.get(
     "/models/{name}",
-    responses={200: {"model": ModelEntry}, **error_responses(Unauthorized, UnknownModel, NotFound)},
+    responses={
+        200: {"model": ModelEntry},
+        # InvalidParameter: what FastAPI's validation of the path would answer, in the error shape.
+        **error_responses(Unauthorized, UnknownModel, NotFound, InvalidParameter),
+    },
 )
 async def get_model(request: Request, name: str) -> JSONResponse:
     repository = request.app.state.repository

@@ -139,5 +139,5 @@ def error_responses(*errors: type[ServiceError]) -> dict[int | str, dict[str, An
 
 
 def describe_errors(*errors: type[ServiceError]) -> str:
-    """``code: description`` of each error, for an OpenAPI response's description."""
-    return "; ".join(f"{error.code}: {error.description}" for error in errors)
+    """An OpenAPI response's description: a list of the error codes it carries, each with its meaning."""
+    return "\n".join(f"- `{error.code}`: {error.description}" for error in errors)
