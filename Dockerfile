@@ -10,7 +10,8 @@
 #   docker build --target jetson -t efficient-cnn-classifier:jetson .      (on a Jetson, or buildx)
 #
 # Build arguments: BASE_IMAGE (CPU and export stages), GPU_BASE_IMAGE, JETSON_BASE_IMAGE, WEIGHTS
-# (auto|imagenet|random, passed to build_engines.py --weights), MODELS (space-separated names).
+# (auto|imagenet|random, passed to build_engines.py --weights), MODELS (space-separated names),
+# NVIDIA_INDEX_URL (the gpu stage's TensorRT libraries: published only on NVIDIA's package index).
 # pip reads PIP_INDEX_URL / PIP_EXTRA_INDEX_URL / PIP_FIND_LINKS from the environment: pass them as
 # build arguments to use a mirror, a local wheel directory served over HTTP, or a CPU-only torch
 # index for the export stage (the plain torch wheel for x86-64 Linux pulls several GB of CUDA
@@ -22,11 +23,15 @@
 # engines set DOCKER_BUILDKIT=1 (with docker-compose 1.x also COMPOSE_DOCKER_CLI_BUILD=1).
 
 ARG BASE_IMAGE=python:3.11-slim
-# TensorRT 10 + CUDA 12 (matches the onnxruntime-gpu wheels), Ubuntu 24.04, Python 3.12.
-ARG GPU_BASE_IMAGE=nvcr.io/nvidia/tensorrt:25.01-py3
+# The `gpu` extra's stack (deploy/gpu_stacks.toml): onnxruntime-gpu 1.26.0 is built for CUDA 12.8
+# and cuDNN 9, which this base provides on the loader path (ONNX Runtime's providers find their
+# libraries there); TensorRT 10 (>= 10.14.1, what the TensorRT provider was compiled against) comes
+# from NVIDIA's package index. Ubuntu 24.04, Python 3.12.
+ARG GPU_BASE_IMAGE=nvcr.io/nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 # Needs Python >= 3.11 and the TensorRT Python bindings: the arm64 (SBSA) TensorRT image runs on
-# JetPack 7 devices; JetPack 6 bases (l4t-jetpack r36) ship Python 3.10, which this project does not
-# support.
+# JetPack 7 devices (CUDA 13, TensorRT 10, Python 3.12; the `jetson` extra's cuda-python is pinned to
+# CUDA 13); JetPack 6 bases (l4t-jetpack r36: CUDA 12.6, TensorRT 10.3) ship Python 3.10, which this
+# project does not support.
 ARG JETSON_BASE_IMAGE=nvcr.io/nvidia/tensorrt:25.08-py3
 
 # ---------------------------------------------------------------------------------------------
@@ -90,29 +95,35 @@ CMD ["--help"]
 
 # ---------------------------------------------------------------------------------------------
 # GPU (x86-64): ONNX Runtime with the CUDA and TensorRT execution providers, plus native TensorRT
-# from the base image. Engines are built at container start (deploy/entrypoint.sh) into
+# (the same TensorRT, from pip). Engines are built at container start (deploy/entrypoint.sh) into
 # MODEL_REPOSITORY=/cache/engines: mount a volume there so that restarts reuse them.
 FROM ${GPU_BASE_IMAGE} AS gpu
 ARG PIP_INDEX_URL
 ARG PIP_EXTRA_INDEX_URL
 ARG PIP_FIND_LINKS
+ARG NVIDIA_INDEX_URL=https://pypi.nvidia.com
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3-venv \
+    && apt-get install -y --no-install-recommends python3 python3-venv \
     && rm -rf /var/lib/apt/lists/*
 COPY pyproject.toml deploy/requirements.py /tmp/deps/
-# The venv sees the base image's TensorRT bindings (--system-site-packages), so the extra's pip
-# TensorRT is left out (it would shadow the one matched to the image's CUDA). onnxruntime-gpu
-# replaces onnxruntime: the two packages install the same module.
+# onnxruntime-gpu replaces onnxruntime: the two packages install the same module. The extra's CUDA
+# and cuDNN wheels are left out: the base image has those libraries (CUDA 12.8, cuDNN 9) where the
+# loader looks. TensorRT's libraries come from NVIDIA's index (an unreachable one fails the build) and
+# are added to the loader's path, so that ONNX Runtime's TensorRT provider finds libnvinfer.so.10.
 RUN python3 /tmp/deps/requirements.py --pyproject /tmp/deps/pyproject.toml --extra gpu --exclude onnxruntime \
-        --exclude tensorrt-cu12 \
+        --exclude nvidia-cuda-runtime-cu12 --exclude nvidia-cublas-cu12 --exclude nvidia-cuda-nvrtc-cu12 \
+        --exclude nvidia-cufft-cu12 --exclude nvidia-curand-cu12 --exclude nvidia-cudnn-cu12 \
         > /tmp/deps/gpu.txt \
-    && python3 -m venv --system-site-packages /opt/venv \
-    && /opt/venv/bin/pip install --no-cache-dir -r /tmp/deps/gpu.txt
+    && python3 -m venv /opt/venv \
+    && /opt/venv/bin/pip install --no-cache-dir --extra-index-url "${NVIDIA_INDEX_URL}" -r /tmp/deps/gpu.txt \
+    && /opt/venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'] + '/tensorrt_libs')" \
+        > /etc/ld.so.conf.d/tensorrt-pip.conf \
+    && ldconfig
 WORKDIR /app
 COPY contract/ /app/contract/
 COPY models/ /app/models/
@@ -142,7 +153,8 @@ ENTRYPOINT ["/bin/sh", "/app/deploy/entrypoint.sh"]
 CMD ["serve"]
 
 # ---------------------------------------------------------------------------------------------
-# Jetson (arm64): TensorRT from the base image, ONNX Runtime (CPU) as the fallback backend. The
+# Jetson (arm64): TensorRT from the base image, ONNX Runtime (CPU) as the fallback backend, cuda-python
+# (the `jetson` extra, pinned to the base's CUDA 13) for the native TensorRT backend's buffers. The
 # ONNX models are architecture-independent; the engines are built on the device at first start.
 FROM ${JETSON_BASE_IMAGE} AS jetson
 ARG PIP_INDEX_URL
@@ -157,7 +169,7 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends python3-venv \
     && rm -rf /var/lib/apt/lists/*
 COPY pyproject.toml deploy/requirements.py /tmp/deps/
-RUN python3 /tmp/deps/requirements.py --pyproject /tmp/deps/pyproject.toml > /tmp/deps/runtime.txt \
+RUN python3 /tmp/deps/requirements.py --pyproject /tmp/deps/pyproject.toml --extra jetson > /tmp/deps/runtime.txt \
     && python3 -m venv --system-site-packages /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir -r /tmp/deps/runtime.txt
 WORKDIR /app

@@ -80,10 +80,21 @@ test-image: $(VENV)/.installed
 
 # NVIDIA GPUs. onnxruntime and onnxruntime-gpu install the same module, so the CPU package goes first;
 # run this again after anything reinstalls the project (make install brings onnxruntime back).
+# GPU_EXTRA picks the stack: gpu (CUDA 12) or gpu-cu13 (CUDA 13); deploy/gpu_stacks.toml says why
+# each version. TensorRT's libraries are published only on NVIDIA's package index (the packages of
+# the same name on the public index download from it while they install), so that index is passed
+# explicitly, and checked before anything is removed: point NVIDIA_INDEX_URL at a mirror of it if
+# this machine cannot reach it.
+GPU_EXTRA        ?= gpu
+NVIDIA_INDEX_URL ?= https://pypi.nvidia.com
 gpu-install: $(VENV)/.installed
+	@$(PY) -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=30).close()' \
+		'$(NVIDIA_INDEX_URL)/' 2>/dev/null || { \
+		echo "gpu-install: NVIDIA's package index $(NVIDIA_INDEX_URL) is unreachable; TensorRT's libraries" \
+			"come only from there. Set NVIDIA_INDEX_URL to a reachable mirror of it." >&2; exit 1; }
 	$(PY) -m pip uninstall --quiet -y onnxruntime
-	$(PY) deploy/requirements.py --extra gpu --exclude onnxruntime > $(VENV)/gpu-requirements.txt
-	$(PY) -m pip install --quiet -r $(VENV)/gpu-requirements.txt
+	$(PY) deploy/requirements.py --extra $(GPU_EXTRA) --exclude onnxruntime > $(VENV)/gpu-requirements.txt
+	$(PY) -m pip install --quiet --extra-index-url $(NVIDIA_INDEX_URL) -r $(VENV)/gpu-requirements.txt
 
 # On the GPU machine (or the Jetson): engines for the models, every GPU backend checked against
 # ONNX Runtime CPU, throughput and latency at batch 1/8/32/64. No dependency on the venv target: it
