@@ -3,9 +3,10 @@
     python deploy/requirements.py [--extra NAME ...] [--extra-if-present NAME ...] [--exclude NAME ...]
 
 The Dockerfile installs the dependencies in a layer of their own, before the sources are copied, so
-that editing the code does not reinstall torch. ``--exclude`` drops a runtime requirement that an
-extra replaces (the GPU image swaps ``onnxruntime`` for ``onnxruntime-gpu``: both provide the same
-module and must not be installed side by side).
+that editing the code does not reinstall torch. ``--exclude`` drops a requirement that something
+else provides: a runtime one that an extra replaces (the GPU image swaps ``onnxruntime`` for
+``onnxruntime-gpu``: both provide the same module and must not be installed side by side), or an
+extra's CUDA library wheels where the base image already has those libraries.
 """
 
 from __future__ import annotations
