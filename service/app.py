@@ -11,14 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI
 
-from service import scheduling
 from service.config import Settings
-from service.core.fair_pool import FairPool
 from service.core.metrics import Metrics
 from service.core.pipeline import Pipeline
 from service.core.repository import ModelRepository, RuntimeLoader, configured_models
@@ -31,21 +28,22 @@ from service.http.middleware import DirectRoute, RequestContext
 log = logging.getLogger("service")
 
 
-def create_app(settings: Settings, *, runtime_loader: RuntimeLoader = load_runtime) -> FastAPI:
-    """A ready-to-serve app; nothing is loaded until its lifespan starts."""
+def create_app(
+    settings: Settings,
+    *,
+    runtime_loader: RuntimeLoader = load_runtime,
+    on_models_loaded: Callable[[], None] | None = None,
+) -> FastAPI:
+    """A ready-to-serve app; nothing is loaded until its lifespan starts. ``on_models_loaded`` is
+    called on the event loop's thread once every model has loaded (or failed to)."""
     names = configured_models(settings)
     metrics = Metrics(names)
     repository = ModelRepository(names, settings, metrics, loader=runtime_loader)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")
-        app.state.pipeline = Pipeline(
-            FairPool(decode_pool, settings.decode_workers),
-            metrics,
-            max_image_pixels=settings.max_image_pixels,
-        )
-        loading = asyncio.create_task(_load_models(repository, settings), name="load-models")
+        app.state.pipeline = Pipeline(metrics)
+        loading = asyncio.create_task(_load_models(repository, on_models_loaded), name="load-models")
         try:
             yield
         finally:
@@ -55,7 +53,6 @@ def create_app(settings: Settings, *, runtime_loader: RuntimeLoader = load_runti
                 with contextlib.suppress(asyncio.CancelledError):
                     await loading
             await repository.stop(settings.shutdown_grace_s)
-            decode_pool.shutdown(wait=False, cancel_futures=True)
             log.info("shutdown complete")
 
     app = FastAPI(
@@ -85,9 +82,7 @@ def create_app(settings: Settings, *, runtime_loader: RuntimeLoader = load_runti
     return app
 
 
-async def _load_models(repository: ModelRepository, settings: Settings) -> None:
+async def _load_models(repository: ModelRepository, on_models_loaded: Callable[[], None] | None) -> None:
     await repository.load_all()
-    # Only now: threads inherit the policy of the thread that starts them, and the inference threads
-    # (started by the load, on this thread) keep the default one.
-    if not settings.event_loop_preempts and scheduling.stop_preempting():
-        log.info("event loop thread: SCHED_BATCH, it waits for a free core (EVENT_LOOP_PREEMPTS=false)")
+    if on_models_loaded is not None:
+        on_models_loaded()

@@ -8,15 +8,16 @@ only appends the record to a list. Writing there meant a write system call per a
 the loop, and handing each record to a waiting thread (logging's QueueHandler) a wake-up per line;
 on 2 cores, at concurrency 16, either cost the loop ~0.05-0.3 ms of every request. The writer wakes
 every 50 ms, and at once for a warning or worse, so nothing important waits.
+
+This module holds the formats and the writer; ``service/process.py`` installs them for the server's
+process and ends the writer when the server stops.
 """
 
 from __future__ import annotations
 
-import atexit
 import collections
 import contextvars
 import logging
-import sys
 import threading
 import time
 from typing import TextIO
@@ -132,36 +133,3 @@ class BackgroundWriter(logging.Handler):
             self._wake.wait(self._interval_s)
             self._wake.clear()
             self.flush()
-
-
-_writer: BackgroundWriter | None = None
-
-
-def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
-    """Route every logger (uvicorn's included) to stderr in the chosen format, written off-thread."""
-    global _writer
-    stop_logging()
-    # No record says where it was made or by which thread or process (the formats above use none of
-    # it): the logging HOWTO's optimisations, for the access line of every request.
-    logging._srcfile = None  # type: ignore[attr-defined]
-    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-    _writer = BackgroundWriter(sys.stderr, JsonFormatter() if fmt == "json" else TextFormatter())
-    root = logging.getLogger()
-    root.handlers[:] = [_writer]
-    root.setLevel(level)
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
-        logger = logging.getLogger(name)
-        logger.handlers[:] = []
-        logger.propagate = True
-
-
-def stop_logging() -> None:
-    """Write out every waiting record and stop the writer thread (also run at exit)."""
-    global _writer
-    if _writer is not None:
-        logging.getLogger().removeHandler(_writer)
-        _writer.close()
-        _writer = None
-
-
-atexit.register(stop_logging)

@@ -1,15 +1,18 @@
-"""The batcher on its own, with a fake runtime: flush rules, failures, cancellation, deadlines, stop."""
+"""The batcher on its own, with a fake runtime: flush rules, failures, cancellation, deadlines, stop,
+and where its stages run."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
 from service.core.batcher import Batcher
+from service.core.fair_pool import FairPool
 from service.core.metrics import Metrics
 from service.errors import (
     InternalError,
@@ -31,9 +34,19 @@ def tensor(value: float) -> np.ndarray:
     return np.full((3, 2, 2), value, dtype=np.float32)
 
 
-def make(runtime: FakeRuntime, **overrides) -> Batcher:
+class Arrays:
+    """Stages for items that are model inputs already: answers are the output rows as they are."""
+
+    def prepare(self, item: np.ndarray) -> np.ndarray:
+        return item
+
+    def finish(self, item: np.ndarray, row: np.ndarray) -> np.ndarray:
+        return row
+
+
+def make(runtime: FakeRuntime, stages=None, **overrides) -> Batcher:
     options = {"max_batch_size": 4, "max_queue_delay_ms": 0, "max_queue_size": 16}
-    return Batcher("m", runtime, **(options | overrides))
+    return Batcher("m", runtime, stages or Arrays(), **(options | overrides))
 
 
 async def until(condition, timeout_s: float = 2.0) -> None:
@@ -274,6 +287,7 @@ def test_concurrent_batches_and_metrics():
         batcher = Batcher(
             "m",
             runtime,
+            Arrays(),
             max_batch_size=4,
             max_queue_delay_ms=0,
             max_queue_size=64,
@@ -301,35 +315,40 @@ def test_concurrent_batches_and_metrics():
     )
 
 
-def test_inputs_made_and_outputs_finished_in_the_inference_thread_one_failure_fails_one_request():
-    loop_thread = threading.get_ident()
-    threads: dict[str, set[int]] = {"prepare": set(), "finish": set()}
+class Recorded:
+    """Stages that note the thread each stage ran in: an item is a value, its input ``tensor(value)``;
+    a negative value cannot be prepared and 9 cannot be finished; preparing 1 takes 10 ms."""
 
-    def made(value: float):
-        def make_input() -> np.ndarray:
-            threads["prepare"].add(threading.get_ident())
-            if value < 0:
-                raise InvalidImage(f"cannot make input {value}")
+    def __init__(self) -> None:
+        self.threads: dict[str, set[str]] = {"prepare": set(), "finish": set()}
+
+    def prepare(self, value: float) -> np.ndarray:
+        self.threads["prepare"].add(threading.current_thread().name)
+        if value < 0:
+            raise InvalidImage(f"cannot make input {value}")
+        if value == 1:
             time.sleep(0.01)
-            return tensor(value)
+        return tensor(value)
 
-        return make_input
-
-    def finish(row: np.ndarray) -> str:
-        threads["finish"].add(threading.get_ident())
-        if row[0] == 12.0 * 9:
+    def finish(self, value: float, row: np.ndarray) -> str:
+        self.threads["finish"].add(threading.current_thread().name)
+        if value == 9:
             raise InvalidParameter("cannot finish 9")
         return f"sum={row[0]:g} batch={row[1]:g}"
 
+
+def test_inputs_prepared_and_outputs_finished_in_the_inference_thread_one_failure_fails_one_request():
+    stages = Recorded()
+
     async def scenario():
         runtime = FakeRuntime()
-        batcher = make(runtime, max_batch_size=4, max_queue_delay_ms=200, max_concurrent_batches=1)
+        batcher = make(runtime, stages, max_batch_size=4, max_queue_delay_ms=200, max_concurrent_batches=1)
         batcher.start()
         outcomes = await asyncio.gather(
-            batcher.submit(made(1), finish=finish),
-            batcher.submit(made(-1), finish=finish),
-            batcher.submit(tensor(2), finish=finish),
-            batcher.submit(made(9), finish=finish),
+            batcher.submit(1),
+            batcher.submit(-1),
+            batcher.submit(2),
+            batcher.submit(9),
             return_exceptions=True,
         )
         await batcher.stop()
@@ -340,10 +359,43 @@ def test_inputs_made_and_outputs_finished_in_the_inference_thread_one_failure_fa
     assert runtime.batch_sizes == [3]
     assert (one.output, two.output) == ("sum=12 batch=3", "sum=24 batch=3")
     assert isinstance(bad_input, InvalidImage) and isinstance(bad_finish, InvalidParameter)
-    assert one.prepare_s >= 0.01 and two.prepare_s == 0.0
-    assert (
-        threads["prepare"] and threads["finish"] and loop_thread not in threads["prepare"] | threads["finish"]
-    )
+    assert one.prepare_s >= 0.01 and two.prepare_s < 0.01
+    assert stages.threads == {"prepare": {"infer-m-0"}, "finish": {"infer-m-0"}}
+
+
+def test_with_a_prepare_pool_inputs_are_prepared_there_before_they_queue():
+    stages = Recorded()
+
+    async def scenario():
+        runtime = FakeRuntime()
+        with ThreadPoolExecutor(2, thread_name_prefix="prepare") as executor:
+            batcher = make(
+                runtime,
+                stages,
+                max_batch_size=4,
+                max_queue_delay_ms=200,
+                max_concurrent_batches=1,
+                prepare_pool=FairPool(executor, 2),
+            )
+            batcher.start()
+            outcomes = await asyncio.gather(
+                batcher.submit(1),
+                batcher.submit(-1),
+                batcher.submit(2),
+                batcher.submit(9),
+                return_exceptions=True,
+            )
+            await batcher.stop()
+        return runtime, outcomes
+
+    runtime, (one, bad_input, two, bad_finish) = run(scenario())
+    # An input that cannot be prepared never reaches the queue; the rest are batched ready-made.
+    assert runtime.batch_sizes == [3]
+    assert (one.output, two.output) == ("sum=12 batch=3", "sum=24 batch=3")
+    assert isinstance(bad_input, InvalidImage) and isinstance(bad_finish, InvalidParameter)
+    assert one.prepare_s >= 0.01  # the pool's stage, as its caller waited for it
+    assert {name.split("_")[0] for name in stages.threads["prepare"]} == {"prepare"}
+    assert stages.threads["finish"] == {"infer-m-0"}
 
 
 def test_inference_threads_take_the_next_batch_without_the_event_loop():
@@ -390,27 +442,22 @@ def test_a_fault_outside_the_runtime_fails_its_batch_and_the_thread_serves_on():
 
 
 def test_a_batch_whose_inputs_all_fail_never_reaches_the_runtime():
-    def broken() -> np.ndarray:
-        raise InvalidImage("no")
-
     async def scenario():
         runtime = FakeRuntime()
-        batcher = make(runtime, max_batch_size=2, max_queue_delay_ms=100)
+        batcher = make(runtime, Recorded(), max_batch_size=2, max_queue_delay_ms=100)
         batcher.start()
-        outcomes = await asyncio.gather(
-            batcher.submit(broken), batcher.submit(broken), return_exceptions=True
-        )
-        after = await batcher.submit(tensor(3))
+        outcomes = await asyncio.gather(batcher.submit(-1), batcher.submit(-2), return_exceptions=True)
+        after = await batcher.submit(3)
         await batcher.stop()
         return runtime, outcomes, after
 
     runtime, outcomes, after = run(scenario())
     assert all(isinstance(outcome, InvalidImage) for outcome in outcomes)
-    assert runtime.batch_sizes == [1] and after.output[0] == 36.0
+    assert runtime.batch_sizes == [1] and after.output == "sum=36 batch=1"
 
 
 def test_arguments_are_checked():
     with pytest.raises(ValueError, match="max_batch_size"):
-        Batcher("m", FakeRuntime(), max_batch_size=0, max_queue_delay_ms=0, max_queue_size=1)
+        Batcher("m", FakeRuntime(), Arrays(), max_batch_size=0, max_queue_delay_ms=0, max_queue_size=1)
     with pytest.raises(ValueError, match="max_queue_delay_ms"):
-        Batcher("m", FakeRuntime(), max_batch_size=1, max_queue_delay_ms=-1, max_queue_size=1)
+        Batcher("m", FakeRuntime(), Arrays(), max_batch_size=1, max_queue_delay_ms=-1, max_queue_size=1)

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
+from service import config
 from service.config import (
     CPU_BATCHING,
     GPU_BATCHING,
     BatchingPolicy,
     ConfigError,
     Settings,
-    cgroup_cpu_limit,
-    cpu_count,
     load_settings,
 )
+from service.core.cpus import cpu_count
 
 
 def test_defaults_and_environment(monkeypatch):
@@ -86,6 +84,26 @@ def test_backend_is_one_value_or_a_default_with_per_model_overrides(monkeypatch)
     assert load_settings(backend="tensorrt").backend_for("anything") == "tensorrt"
 
 
+def test_backend_is_parsed_once_when_the_settings_are_validated(monkeypatch):
+    settings = load_settings(backend="onnxruntime-cpu,mobilenet_v2=tensorrt")
+    assert (settings.backend.default, dict(settings.backend.overrides)) == (
+        "onnxruntime-cpu",
+        {"mobilenet_v2": "tensorrt"},
+    )
+
+    def parse_again(value: str) -> tuple[str, dict[str, str]]:
+        raise AssertionError(f"BACKEND parsed again: {value!r}")
+
+    monkeypatch.setattr(config, "parse_backend", parse_again)
+    assert settings.backend_for("mobilenet_v2") == "tensorrt"
+    assert settings.backend_for("shufflenet_v2") == "onnxruntime-cpu"
+    assert (settings.default_backend, dict(settings.backend_overrides)) == (
+        "onnxruntime-cpu",
+        {"mobilenet_v2": "tensorrt"},
+    )
+    assert settings.model_dump(mode="json")["backend"] == "onnxruntime-cpu,mobilenet_v2=tensorrt"
+
+
 @pytest.mark.parametrize(
     ("value", "entry"),
     [
@@ -100,58 +118,3 @@ def test_a_bad_backend_entry_is_named(monkeypatch, value, entry):
     with pytest.raises(ConfigError, match="BACKEND") as caught:
         load_settings()
     assert f"bad entry {entry!r}" in str(caught.value)
-
-
-def _cgroup_tree(tmp_path, proc_line: str, files: dict[str, str]):
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    proc = tmp_path / "proc-self-cgroup"
-    proc.write_text(proc_line + "\n")
-    root = tmp_path / "sys-fs-cgroup"
-    for name, text in files.items():
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_text(text + "\n")
-    return proc, root
-
-
-def test_cgroup_v2_cpu_limit_is_the_tightest_on_the_path(tmp_path):
-    proc, root = _cgroup_tree(
-        tmp_path,
-        "0::/kubepods/pod1/container",
-        {
-            "kubepods/cpu.max": "max 100000",
-            "kubepods/pod1/cpu.max": "150000 100000",  # the pod's limit: 1.5 CPUs
-            "kubepods/pod1/container/cpu.max": "400000 100000",
-        },
-    )
-    assert cgroup_cpu_limit(proc, root) == 1.5
-
-
-def test_cgroup_v2_in_a_container_reads_its_own_root(tmp_path):
-    # With a cgroup namespace the container sees its own group as "/" at the mount's top.
-    proc, root = _cgroup_tree(tmp_path, "0::/", {"cpu.max": "200000 100000"})
-    assert cgroup_cpu_limit(proc, root) == 2.0
-    proc, root = _cgroup_tree(tmp_path / "unlimited", "0::/", {"cpu.max": "max 100000"})
-    assert cgroup_cpu_limit(proc, root) is None
-
-
-def test_cgroup_v1_cpu_limit_from_the_cpu_controller(tmp_path):
-    files = {"cpu,cpuacct/cpu.cfs_quota_us": "300000", "cpu,cpuacct/cpu.cfs_period_us": "100000"}
-    lines = "5:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc"
-    proc, root = _cgroup_tree(tmp_path, lines, files)
-    assert cgroup_cpu_limit(proc, root) == 3.0
-    files["cpu,cpuacct/cpu.cfs_quota_us"] = "-1"
-    proc, root = _cgroup_tree(tmp_path / "none", lines, files)
-    assert cgroup_cpu_limit(proc, root) is None
-    assert cgroup_cpu_limit(tmp_path / "no-such-file", root) is None
-
-
-def test_cpu_count_stops_at_the_cgroup_limit_rounded_up(monkeypatch):
-    from service import config
-
-    cores = len(os.sched_getaffinity(0))
-    monkeypatch.setattr(config, "cgroup_cpu_limit", lambda: 0.5)
-    assert config.cpu_count() == 1
-    monkeypatch.setattr(config, "cgroup_cpu_limit", lambda: cores - 0.5)
-    assert config.cpu_count() == cores
-    monkeypatch.setattr(config, "cgroup_cpu_limit", lambda: cores + 8.0)
-    assert config.cpu_count() == cores

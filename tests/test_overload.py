@@ -206,6 +206,16 @@ def test_a_flood_on_one_model_is_refused_at_its_door_and_spares_the_other(servic
 
 
 # --- the parts on their own -----------------------------------------------------------------------
+class Arrays:
+    """Batcher stages for items that are model inputs already."""
+
+    def prepare(self, item: np.ndarray) -> np.ndarray:
+        return item
+
+    def finish(self, item: np.ndarray, row: np.ndarray) -> np.ndarray:
+        return row
+
+
 def test_the_decode_pool_takes_turns_between_models():
     """A backlog of one model's decodes does not queue ahead of another model's next one."""
     order: list[str] = []
@@ -240,7 +250,7 @@ def test_admission_counts_requests_from_arrival_to_answer():
     runtime = FakeRuntime()
 
     async def scenario() -> None:
-        batcher = Batcher("m", runtime, max_batch_size=1, max_queue_delay_ms=0, max_queue_size=2)
+        batcher = Batcher("m", runtime, Arrays(), max_batch_size=1, max_queue_delay_ms=0, max_queue_size=2)
         batcher.start()
         assert batcher.capacity == 3
         with batcher.admit(), batcher.admit(), batcher.admit():
@@ -264,7 +274,7 @@ def test_requests_admitted_together_are_not_refused_by_the_queue_before_the_work
     runtime = FakeRuntime()
 
     async def scenario() -> list:
-        batcher = Batcher("m", runtime, max_batch_size=1, max_queue_delay_ms=0, max_queue_size=1)
+        batcher = Batcher("m", runtime, Arrays(), max_batch_size=1, max_queue_delay_ms=0, max_queue_size=1)
         batcher.start()
         await asyncio.sleep(0)  # the worker waits for its first request
         one = np.full((3, 2, 2), 1, np.float32)

@@ -19,7 +19,7 @@ import pytest
 from contract.manifest import Manifest
 from contract.photos import encode, make_corpus, make_photo, photo_jpeg
 from service.app import create_app
-from service.config import cpu_count
+from service.core.cpus import cpu_count
 from tests.fake_repository import RecordingLoader
 from tests.live_server import LiveServer, ServiceProcess, ready_service, serving_settings, wait_ready
 from tests.reference_pipeline import assert_matches_reference

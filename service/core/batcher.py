@@ -1,6 +1,6 @@
 """Dynamic batching for one model: a bounded queue in front of a runtime, and its inference threads.
 
-Callers see only ``with batcher.admit(): ... await batcher.submit(tensor, deadline=...)``. Admission
+Callers see only ``with batcher.admit(): ... await batcher.submit(item, deadline=...)``. Admission
 comes first, as soon as a request arrives: the model has ``max_queue_size`` places plus one per image
 it can be running, and a request that finds them all taken is refused (429) before its body is read
 or decoded, so a flood on one model never holds the memory and decode threads that the others need,
@@ -17,12 +17,15 @@ cost ShuffleNet v2 ~5% of its throughput at concurrency 16). Requests whose call
 whose deadline has passed are dropped before the runtime sees them. One failing batch fails its
 own requests only.
 
-The batcher knows nothing of HTTP or images. An input is a (3, H, W) array, or a callable that
-makes one: then it is called in the inference thread just before its batch runs (a model that runs
-one request per batch needs no separate stage, and no hand-off between threads, to prepare its
-inputs). A caller may also pass ``finish``, applied to its output row in the inference thread too,
-so that turning logits into an answer costs the event loop nothing. An input or finish that raises
-fails its own request only.
+The batcher knows nothing of HTTP or images: it queues opaque items and calls the model's
+:class:`Stages` on either side of the runtime, which runs the batch (like LitServe's LitAPI hooks):
+``prepare`` turns an item into the model's input, ``finish`` turns the item's row of the output into
+its answer, in the inference thread right after its batch, so that making an answer costs the event
+loop nothing. Where ``prepare`` runs is fixed when the batcher is made: in the inference thread just
+before the item's batch (a model that runs one request per batch then needs no separate stage, and
+no hand-off between threads), or, given a ``prepare_pool``, in that pool as soon as the item is
+submitted (a batch then collects ready inputs instead of preparing them one after another in its
+thread). A ``prepare`` or ``finish`` that raises fails its own request only.
 """
 
 from __future__ import annotations
@@ -37,49 +40,58 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
+from service.core.fair_pool import FairPool
 from service.core.metrics import Metrics
 from service.core.runtimes.base import Runtime
 from service.errors import InternalError, ModelUnavailable, Overloaded, RequestTimeout
 
 log = logging.getLogger(__name__)
 
+Item = TypeVar("Item", contravariant=True)
+Answer = TypeVar("Answer", covariant=True)
 
-Input = np.ndarray | Callable[[], np.ndarray]
+
+class Stages(Protocol[Item, Answer]):
+    """What a model's requests go through on either side of its runtime."""
+
+    def prepare(self, item: Item) -> np.ndarray:
+        """The model's input for one item, a (3, H, W) array (e.g. one upload decoded)."""
+        ...
+
+    def finish(self, item: Item, row: np.ndarray) -> Answer:
+        """The item's answer from its row of the batch's output (e.g. the logits ranked). The item
+        carries what a request asks beyond its input (e.g. how many classes to rank)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
 class BatchResult:
-    """One request's share of a batch: its output (the row, or what ``finish`` made of it) and where
-    its time went."""
+    """One request's share of a batch: its answer and where its time went."""
 
     output: Any
     queue_s: float
     inference_s: float
     batch_size: int
-    prepare_s: float = 0.0  # making the input in the inference thread, when it was a callable
+    # Preparing the input: in the inference thread, or waiting for and running in the prepare pool.
+    prepare_s: float = 0.0
 
 
 @dataclass(eq=False, slots=True)
 class _Request:
-    input: Input
-    finish: Callable[[np.ndarray], Any] | None
+    item: Any
     future: asyncio.Future[BatchResult]
     enqueued_at: float  # time.monotonic()
     deadline: float  # time.monotonic(); math.inf for none
     request_id: str | None
-
-
-@dataclass(slots=True)
-class _Outcome:
-    """What the inference thread made of one request: its output, or why it failed."""
-
+    input: np.ndarray | None = None  # prepared in the prepare pool, before it was queued
+    prepare_s: float = 0.0
+    # What the inference thread made of it: an answer, or why it failed.
     output: Any = None
     error: BaseException | None = None
-    prepare_s: float = 0.0
 
 
 class BatchOutputMismatch(RuntimeError):
@@ -96,11 +108,13 @@ class Batcher:
         self,
         model: str,
         runtime: Runtime,
+        stages: Stages[Any, Any],
         *,
         max_batch_size: int,
         max_queue_delay_ms: float,
         max_queue_size: int,
         max_concurrent_batches: int = 1,
+        prepare_pool: FairPool | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
@@ -117,16 +131,17 @@ class Batcher:
         self.max_queue_delay_s = max_queue_delay_ms / 1000.0
         self.max_queue_size = max_queue_size
         self.max_concurrent_batches = max_concurrent_batches
+        self._stages = stages
+        self._prepare_pool = prepare_pool  # None: prepared in the inference thread
         self._metrics = metrics
-        # Unbounded on purpose: submit() enforces max_queue_size, so that stop() can always enqueue _STOP.
+        self._capacity = max_queue_size + max_concurrent_batches * max_batch_size
+        # Unbounded on purpose: admission bounds what is queued, so that stop() can always enqueue _STOP.
         self._queue: queue.SimpleQueue[_Request | object] = queue.SimpleQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._threads: list[threading.Thread] = []
         self._threads_done: asyncio.Event | None = None
         self._threads_left = 0  # event-loop side: threads that have not yet exited
         self._closed = False
-        self._busy = 0  # threads running a batch (written under _busy_lock, read anywhere)
-        self._busy_lock = threading.Lock()
         self._admitted = 0  # requests between admit() and their answer
         self._pending: set[_Request] = set()  # submitted and not yet answered
         # Smoothed seconds per batch, for the Retry-After estimate; seeded with a pessimistic guess.
@@ -181,8 +196,8 @@ class Batcher:
 
     @property
     def capacity(self) -> int:
-        """Requests admitted at once: the queue's places and one per image that can be running."""
-        return self.max_queue_size + self.max_concurrent_batches * self.max_batch_size
+        """The model's places: its queue's, and one per image that can be running."""
+        return self._capacity
 
     @property
     def in_progress(self) -> int:
@@ -190,22 +205,33 @@ class Batcher:
         return self._admitted
 
     # --- the caller's side ----------------------------------------------------------------------
-    @contextlib.contextmanager
-    def admit(self) -> Iterator[None]:
-        """Hold one of the model's places from a request's arrival to its answer.
-
-        Raises Overloaded (with a Retry-After estimate) when every place is taken, and
+    def _claim_place(self, taken: int, counted: str) -> None:
+        """The admission rule, the one check behind every 429: a place is free while fewer than
+        ``capacity`` are taken. Raises Overloaded (with a Retry-After estimate) when none is, and
         ModelUnavailable while stopping.
+
+        Places are taken at two moments, each counted against the same capacity. At the door, by
+        :meth:`admit`: one per request, from its arrival (before its body is read, when how many
+        images it holds is not yet known) to its answer. Inside, by :meth:`submit`: one per image,
+        from its submission to its answer. A request of one image holds one place at each moment, so
+        the second count refuses nothing the first admitted; it binds where images outnumber the
+        requests that brought them (a multipart request's several files) and for callers in the
+        process that submit without being admitted. Either way no more images are queued or running
+        than the places hold.
         """
         if self._closed or not self._threads:
             raise ModelUnavailable(f"{self.model} is not accepting requests (shutting down)")
-        if self._admitted >= self.capacity:
-            retry_after = self._retry_after_s(self._admitted)
+        if taken >= self._capacity:
+            retry_after = self._retry_after_s(taken)
             raise Overloaded(
-                f"{self.model} is at capacity ({self._admitted} requests in progress); "
-                f"retry in about {retry_after} s",
+                f"{self.model} is at capacity ({taken} {counted}); retry in about {retry_after} s",
                 headers={"Retry-After": str(retry_after)},
             )
+
+    @contextlib.contextmanager
+    def admit(self) -> Iterator[None]:
+        """Hold one of the model's places from a request's arrival to its answer (see _claim_place)."""
+        self._claim_place(self._admitted, "requests in progress")
         self._admitted += 1
         try:
             yield
@@ -213,44 +239,35 @@ class Batcher:
             self._admitted -= 1
 
     async def submit(
-        self,
-        input: Input,
-        *,
-        deadline: float | None = None,
-        request_id: str | None = None,
-        finish: Callable[[np.ndarray], Any] | None = None,
+        self, item: Any, *, deadline: float | None = None, request_id: str | None = None
     ) -> BatchResult:
-        """Queue one input (an array, or a callable that makes it) and wait for its output.
+        """Queue one item and wait for its answer: prepared, run in a batch, finished by the stages.
 
-        Raises Overloaded (queue full, with a Retry-After estimate), RequestTimeout (``deadline``, a
-        ``time.monotonic()`` value, passed first), ModelUnavailable (stopping) or InternalError.
+        Raises Overloaded (every place taken, see _claim_place), RequestTimeout (``deadline``, a
+        ``time.monotonic()`` value, passed first), ModelUnavailable (stopping), InternalError, or
+        what the stages raised for this item.
         """
-        if self._closed or not self._threads:
-            raise ModelUnavailable(f"{self.model} is not accepting requests (shutting down)")
-        depth = self.depth
-        # Requests that an idle thread is about to take are not waiting: two requests admitted at
-        # once into an empty model must not find its one-place queue full before a thread takes one.
-        idle_threads = self.max_concurrent_batches - self._busy
-        if depth >= self.max_queue_size + idle_threads * self.max_batch_size:
-            retry_after = self._retry_after_s(depth)
-            raise Overloaded(
-                f"{self.model}'s queue is full ({depth} waiting); retry in about {retry_after} s",
-                headers={"Retry-After": str(retry_after)},
-            )
+        self._claim_place(len(self._pending), "images submitted")
         now = time.monotonic()
         assert self._loop is not None
         request = _Request(
-            input=input,
-            finish=finish,
+            item=item,
             future=self._loop.create_future(),
             enqueued_at=now,
             deadline=math.inf if deadline is None else deadline,
             request_id=request_id,
         )
         self._pending.add(request)
-        self._queue.put(request)
         try:
             async with asyncio.timeout(None if deadline is None else max(0.0, deadline - now)):
+                if self._prepare_pool is not None:
+                    request.input = await self._prepare_pool.run(self.model, self._stages.prepare, item)
+                    request.enqueued_at = time.monotonic()
+                    # Wall time of the stage, waiting for a pool thread included: that is what it cost.
+                    request.prepare_s = request.enqueued_at - now
+                    if self._closed:
+                        raise ModelUnavailable(f"{self.model} is not accepting requests (shutting down)")
+                self._queue.put(request)
                 # Cancelling this await (timeout or a caller that gave up) cancels the future, which
                 # the inference threads then skip.
                 return await request.future
@@ -261,8 +278,8 @@ class Batcher:
         finally:
             self._pending.discard(request)
 
-    def _retry_after_s(self, depth: int) -> int:
-        batches_ahead = depth / self.max_batch_size + 1
+    def _retry_after_s(self, taken: int) -> int:
+        batches_ahead = taken / self.max_batch_size + 1
         return max(1, math.ceil(batches_ahead * self._batch_seconds / self.max_concurrent_batches))
 
     # --- the inference threads' side ------------------------------------------------------------
@@ -325,40 +342,34 @@ class Batcher:
             if self._metrics is not None:
                 for request in live:
                     self._metrics.observe_queue(self.model, started - request.enqueued_at)
-            with self._busy_lock:
-                self._busy += 1
-            try:
-                answers += self._run(live, started)
-            finally:
-                with self._busy_lock:
-                    self._busy -= 1
+            answers += self._run(live, started)
         if answers:
             self._to_loop(_answer, answers)
 
     def _run(self, live: list[_Request], started: float) -> list[tuple[_Request, BatchResult | Exception]]:
         try:
-            outcomes, inference_s = _run_batch(self.runtime, [(r.input, r.finish) for r in live])
+            inference_s = _run_batch(self.runtime, self._stages, live, prepare=self._prepare_pool is None)
         except Exception:
             return self._failed(live, "inference failed")
         # The thread was held for the inputs' preparation and the run: that is what Retry-After waits.
         self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (time.monotonic() - started)
-        ran = sum(1 for outcome in outcomes if outcome.error is None)
+        ran = sum(1 for request in live if request.error is None)
         if self._metrics is not None and inference_s is not None:
             self._metrics.observe_batch(self.model, self.runtime.name, ran, inference_s)
         return [
             (
                 request,
-                outcome.error
-                if outcome.error is not None
+                request.error
+                if request.error is not None
                 else BatchResult(
-                    outcome.output,
+                    request.output,
                     queue_s=started - request.enqueued_at,
                     inference_s=inference_s or 0.0,
                     batch_size=ran,
-                    prepare_s=outcome.prepare_s,
+                    prepare_s=request.prepare_s,
                 ),
             )
-            for request, outcome in zip(live, outcomes, strict=True)
+            for request in live
         ]
 
     def _failed(self, batch: list[_Request], what: str) -> list[tuple[_Request, BatchResult | Exception]]:
@@ -407,39 +418,42 @@ def _answer(answers: list[tuple[_Request, BatchResult | Exception]]) -> None:
 
 
 def _run_batch(
-    runtime: Runtime, requests: list[tuple[Input, Callable[[np.ndarray], Any] | None]]
-) -> tuple[list[_Outcome], float | None]:
-    """One batch, in an inference thread: make the inputs that are callables, stack, run, finish.
+    runtime: Runtime, stages: Stages[Any, Any], requests: list[_Request], *, prepare: bool
+) -> float | None:
+    """One batch, in an inference thread: prepare the inputs (unless the prepare pool has), stack,
+    run, finish. Each request's answer or error is left on it.
 
-    Returns each request's outcome and the seconds the runtime took (None when no input could be
-    made). Stacking copies every tensor, which is no work for the event loop; a batch of one is a
-    view, not a copy. A failure of the runtime itself raises: it fails the whole batch.
+    Returns the seconds the runtime took (None when no input could be prepared). Stacking copies
+    every tensor, which is no work for the event loop; a batch of one is a view, not a copy. A failure
+    of the runtime itself raises: it fails the whole batch.
     """
-    outcomes = [_Outcome() for _ in requests]
     tensors: list[np.ndarray] = []
-    ready: list[tuple[_Outcome, Callable[[np.ndarray], Any] | None]] = []
-    for outcome, (input, finish) in zip(outcomes, requests, strict=True):
-        if callable(input):
+    ready: list[_Request] = []
+    for request in requests:
+        if prepare:
             started = time.monotonic()
             try:
-                input = input()
+                tensor = stages.prepare(request.item)
             except Exception as exc:
-                outcome.error = exc
+                request.error = exc
                 continue
             finally:
-                outcome.prepare_s = time.monotonic() - started
-        tensors.append(input)
-        ready.append((outcome, finish))
+                request.prepare_s = time.monotonic() - started
+        else:
+            assert request.input is not None
+            tensor = request.input
+        tensors.append(tensor)
+        ready.append(request)
     if not tensors:
-        return outcomes, None
+        return None
     started = time.monotonic()
     logits = runtime.run(tensors[0][np.newaxis] if len(tensors) == 1 else np.stack(tensors))
     inference_s = time.monotonic() - started
     if len(logits) != len(tensors):
         raise BatchOutputMismatch(f"runtime returned {len(logits)} rows for a batch of {len(tensors)}")
-    for (outcome, finish), row in zip(ready, logits, strict=True):
+    for request, row in zip(ready, logits, strict=True):
         try:
-            outcome.output = row if finish is None else finish(row)
+            request.output = stages.finish(request.item, row)
         except Exception as exc:
-            outcome.error = exc
-    return outcomes, inference_s
+            request.error = exc
+    return inference_s

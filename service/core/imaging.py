@@ -252,11 +252,16 @@ def _resize_and_crop(
     # torchvision's CenterCrop offsets (round half to even, as Python's round()).
     left = round((target[0] - spec.crop) / 2.0)
     top = round((target[1] - spec.crop) / 2.0)
-    # Cropped on the core image. Image.crop() would run Pillow's global decompression-bomb check
-    # again; cropping in numpy would first copy the whole resized image out in 64 KB pieces (a 1 x 20000
-    # strip resized to 36 x 720000: 100 MB through a decode thread's heap, which glibc then kept:
-    # +64 MiB resident per decode thread, tests/test_hostile_input.py).
-    return np.asarray(img._new(img.im.crop((left, top, left + spec.crop, top + spec.crop))))
+    # Only the crop is copied out of the resized image: pasted into a crop-sized image (areas outside
+    # the resized image stay black, as in a crop). Cropping in numpy would first copy the whole
+    # resized image out in 64 KB pieces (a 1 x 20000 strip resized to 36 x 720000: 100 MB through a
+    # decode thread's heap, which glibc then kept: +64 MiB resident per decode thread,
+    # tests/test_hostile_input.py). Not Image.crop(): it runs Pillow's process-wide decompression-bomb
+    # check on the box, which the limit any other code in the process sets (Image.MAX_IMAGE_PIXELS)
+    # would then turn against a 224 x 224 crop; the image was held to max_image_pixels before decoding.
+    cropped = Image.new(img.mode, (spec.crop, spec.crop))
+    cropped.paste(img, (-left, -top))
+    return np.asarray(cropped)
 
 
 @functools.lru_cache(maxsize=32)

@@ -1,4 +1,4 @@
-"""Prometheus metrics: every series DESIGN.md pins, declared in one place.
+"""Prometheus metrics: every series the dashboards and alerts are written against, declared in one place.
 
 Each app owns a :class:`Metrics` with its own ``CollectorRegistry`` so that a second
 ``create_app()`` (tests do this) never collides with the first. Label values come from a closed

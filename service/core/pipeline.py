@@ -1,7 +1,11 @@
 """One classification request, stage by stage: decode, batch, predict, rank.
 
 Knows nothing of HTTP: it takes the uploaded bytes and a ready model and returns predictions with
-the time each stage took. Nothing of it runs on the event loop but the bookkeeping:
+the time each stage took. Nothing of it runs on the event loop but the bookkeeping. A model's
+batcher calls its :class:`ClassifierStages`: ``prepare`` decodes and preprocesses one upload,
+``finish`` ranks its logits (softmax, top-k, labels) in the inference thread, right after its batch.
+
+Where the decode runs was fixed when the model was served (``service/core/repository.py``):
 
 * a model that batches (``MAX_BATCH_SIZE`` > 1) gets its images decoded in a pool sized for the
   machine, where the models take turns for its threads (:class:`FairPool`, so one model's backlog
@@ -10,31 +14,69 @@ the time each stage took. Nothing of it runs on the event loop but the bookkeepi
   thread, just before it runs: with nothing to batch, a separate decode stage would only add a
   hand-off between threads (and a cold cache) to every request. Each of its inference threads then
   does what one in-process worker does: decode, infer, rank.
-
-Ranking (softmax, top-k, labels) runs in the inference thread, right after its batch.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
-import time
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
-from contract.manifest import PreprocessingSpec
+from contract.manifest import Manifest
 from service.core import imaging
-from service.core.fair_pool import FairPool
 from service.core.metrics import Metrics
 from service.core.ranking import top_k as rank
-from service.core.repository import ServedModel
 from service.errors import ServiceError
-from service.http.uploads import Upload
+
+if TYPE_CHECKING:
+    from service.core.repository import ServedModel
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Upload:
+    """One image as the client sent it."""
+
+    filename: str | None
+    data: bytes
+    content_type: str | None  # as declared (for a raw body, the request's Content-Type); may lie
+
+
+@dataclass(frozen=True, slots=True)
+class ImageJob:
+    """What the batcher queues for one image: the upload, and how many classes its answer ranks."""
+
+    upload: Upload
+    top_k: int
+
+
+class ClassifierStages:
+    """One model's stages on either side of its runtime: an upload decoded to the model's input, and
+    the model's logits ranked into the client's predictions."""
+
+    __slots__ = ("_labels", "_max_image_pixels", "_spec")
+
+    def __init__(self, manifest: Manifest, *, max_image_pixels: int) -> None:
+        self._spec = manifest.preprocessing
+        self._labels = manifest.labels
+        self._max_image_pixels = max_image_pixels
+
+    def prepare(self, job: ImageJob) -> np.ndarray:
+        upload = job.upload
+        try:
+            imaging.sniff_media_type(upload.data, upload.content_type)
+            return imaging.preprocess(upload.data, self._spec, self._max_image_pixels)
+        except ServiceError as exc:
+            if upload.filename is not None:  # say which of several files it was
+                exc.message = f"{upload.filename}: {exc.message}"
+            raise
+
+    def finish(self, job: ImageJob, row: np.ndarray) -> list[dict]:
+        return rank(row, job.top_k, self._labels)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,12 +90,10 @@ class ImageResult:
 
 
 class Pipeline:
-    """Decode -> batcher -> top-k, with the decode pool and limits it needs."""
+    """Uploads -> the model's batcher (decode, infer, rank) -> results, with the decode metrics."""
 
-    def __init__(self, decode_pool: FairPool, metrics: Metrics, *, max_image_pixels: int) -> None:
-        self._decode_pool = decode_pool
+    def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
-        self._max_image_pixels = max_image_pixels
 
     async def classify(
         self,
@@ -65,50 +105,22 @@ class Pipeline:
         request_id: str | None = None,
     ) -> list[ImageResult]:
         """Top-k predictions for every upload, in order. The first failing image fails the request."""
-        assert model.manifest is not None
-        finish = functools.partial(rank, k=top_k, labels=model.manifest.labels)
-        return await _all([self._one(model, upload, finish, deadline, request_id) for upload in uploads])
+        return await _all([self._one(model, upload, top_k, deadline, request_id) for upload in uploads])
 
     async def _one(
-        self,
-        model: ServedModel,
-        upload: Upload,
-        finish: functools.partial[list[dict]],
-        deadline: float,
-        request_id: str | None,
+        self, model: ServedModel, upload: Upload, top_k: int, deadline: float, request_id: str | None
     ) -> ImageResult:
-        assert model.manifest is not None and model.batcher is not None
-        decode = functools.partial(
-            _decode_blocking, upload, model.manifest.preprocessing, self._max_image_pixels
-        )
-        item: np.ndarray | functools.partial[np.ndarray] = decode  # decoded in the inference thread
-        decode_s = 0.0
-        if model.batcher.max_batch_size > 1:
-            started = time.monotonic()
-            item = await self._decode_pool.run(model.name, decode)
-            # Wall time of the stage, waiting for a decode thread included: that is what it cost.
-            decode_s = time.monotonic() - started
-        result = await model.batcher.submit(item, deadline=deadline, request_id=request_id, finish=finish)
-        decode_s += result.prepare_s
-        self._metrics.observe_decode(model.name, decode_s)
+        assert model.batcher is not None
+        result = await model.batcher.submit(ImageJob(upload, top_k), deadline=deadline, request_id=request_id)
+        self._metrics.observe_decode(model.name, result.prepare_s)
         return ImageResult(
             filename=upload.filename,
             predictions=result.output,
-            decode_s=decode_s,
+            decode_s=result.prepare_s,
             queue_s=result.queue_s,
             inference_s=result.inference_s,
             batch_size=result.batch_size,
         )
-
-
-def _decode_blocking(upload: Upload, spec: PreprocessingSpec, max_image_pixels: int) -> np.ndarray:
-    try:
-        imaging.sniff_media_type(upload.data, upload.content_type)
-        return imaging.preprocess(upload.data, spec, max_image_pixels)
-    except ServiceError as exc:
-        if upload.filename is not None:  # say which of several files it was
-            exc.message = f"{upload.filename}: {exc.message}"
-        raise
 
 
 async def _all(awaitables: Sequence[Awaitable[T]]) -> list[T]:

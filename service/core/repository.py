@@ -3,6 +3,11 @@
 Every configured model has an entry from the start, in one of four states: ``loading``, ``ready``,
 ``failed`` (its files are missing, corrupt or disagree with the manifest) or ``unavailable`` (the
 requested backend cannot run here). One model failing never stops the others from serving.
+
+A model is served once it is loaded: its batcher is made from its batching policy, and with it where
+its images are decoded, once for all its requests (``service/core/pipeline.py`` says why): in its
+inference threads when it runs one image at a time, in the decode pool that every batching model
+shares otherwise.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -22,7 +28,9 @@ from contract.manifest import MANIFEST_FILE, Manifest
 from contract.zoo import DEFAULT_MODELS, UnknownModelError, split_precision
 from service.config import Settings
 from service.core.batcher import Batcher
+from service.core.fair_pool import FairPool
 from service.core.metrics import Metrics
+from service.core.pipeline import ClassifierStages
 from service.core.runtimes import BackendUnavailable, Runtime, RuntimeLoadError, RuntimeOptions, load_runtime
 from service.errors import ModelUnavailable, UnknownModel, shown
 
@@ -98,6 +106,9 @@ class ModelRepository:
         self._settings = settings
         self._metrics = metrics
         self._loader = loader
+        # The decode pool of the models that batch, made by load_all() and shut down by stop().
+        self._decode_executor: ThreadPoolExecutor | None = None
+        self._decode_pool: FairPool | None = None
         self.models: dict[str, ServedModel] = {}
         for name in names:
             try:
@@ -135,6 +146,10 @@ class ModelRepository:
     # --- lifecycle ------------------------------------------------------------------------------
     async def load_all(self) -> None:
         """Load, verify and warm every model, one at a time, off the event loop."""
+        workers = self._settings.decode_workers
+        # Its threads start with the first decode: none while only one-image-at-a-time models serve.
+        self._decode_executor = ThreadPoolExecutor(workers, thread_name_prefix="decode")
+        self._decode_pool = FairPool(self._decode_executor, workers)
         for model in self.models.values():
             if model.status is not ModelStatus.LOADING:
                 self._give_up(model, model.status, model.reason or "")
@@ -152,13 +167,16 @@ class ModelRepository:
             self._serve(model, manifest, runtime, time.monotonic() - started)
 
     async def stop(self, grace_s: float) -> None:
-        """Drain every batcher (queued requests are answered), then release the runtimes."""
+        """Drain every batcher (queued requests are answered), then release the runtimes and the
+        decode pool."""
         batchers = [model.batcher for model in self.models.values() if model.batcher is not None]
         await asyncio.gather(*(batcher.stop(grace_s) for batcher in batchers))
         for model in self.models.values():
             if model.runtime is not None:
                 model.runtime.close()
             self._metrics.set_ready(model.name, False)
+        if self._decode_executor is not None:
+            self._decode_executor.shutdown(wait=False, cancel_futures=True)
 
     def _load(self, model: ServedModel) -> tuple[Manifest, Runtime]:
         """Blocking: manifest, runtime, warm-up. Raises ModelLoadFailed with a reason a user can act on."""
@@ -206,10 +224,12 @@ class ModelRepository:
         batcher = Batcher(
             model.name,
             runtime,
+            ClassifierStages(manifest, max_image_pixels=self._settings.max_image_pixels),
             max_batch_size=policy.max_batch_size,
             max_queue_delay_ms=policy.max_queue_delay_ms,
             max_queue_size=self._settings.max_queue_size,
             max_concurrent_batches=policy.max_concurrent_batches,
+            prepare_pool=self._decode_pool if policy.max_batch_size > 1 else None,
             metrics=self._metrics,
         )
         batcher.start()

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass
 from typing import TypeVar
 
 from python_multipart.exceptions import FormParserError, MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
+from service.core.pipeline import Upload
 from service.errors import (
     BodyReadTimeout,
     ClientDisconnected,
@@ -46,15 +46,6 @@ FILE_FIELD = "file"
 # Part headers are tiny; these bounds stop a body made of endless headers.
 _MAX_PART_HEADERS = 16
 _MAX_PART_HEADER_BYTES = 8 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class Upload:
-    """One image as the client sent it."""
-
-    filename: str | None
-    data: bytes
-    content_type: str | None  # as declared (for a raw body, the request's Content-Type); may lie
 
 
 async def read_uploads(
