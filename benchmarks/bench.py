@@ -49,7 +49,7 @@ from benchmarks.http_client import HttpError, http_get
 from benchmarks.load_output import progress_bar, write_results
 from benchmarks.load_results import LevelResult, levels_from
 from contract.manifest import Manifest
-from service.config import cpu_count
+from service.core.cpus import cpu_count
 
 DEFAULT_MODELS = ("mobilenet_v1", "mobilenet_v2", "shufflenet_v1", "shufflenet_v2")
 REPO = Path(__file__).resolve().parents[1]

@@ -33,8 +33,9 @@ from pathlib import Path
 import numpy as np
 
 from contract.manifest import Manifest
-from service.config import Settings, cpu_count
+from service.config import Settings
 from service.core import imaging
+from service.core.cpus import cpu_count
 from service.core.ranking import top_k
 from service.core.runtimes import Runtime, RuntimeOptions, load_runtime
 

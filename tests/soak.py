@@ -3,7 +3,7 @@ bounded time, its resident memory sampled; ``make soak`` (``SOAK_S=60`` for a sh
 
     python -m tests.soak [--duration S] [--rate R] [--repository DIR | --tiny] [--out FILE]
 
-Every request has an expected status (200 for the good images, the DESIGN.md code for each bad one,
+Every request has an expected status (200 for the good images, the documented error code for each bad one,
 taken from the hostile corpus); the run reports, per window and in total, requests, answers by
 status code, p50/p99 latency of the good requests, and resident memory. It fails (exit 1) on any
 unexpected 5xx, any lost request (sent on an open connection and never answered, or missing from

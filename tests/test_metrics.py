@@ -15,7 +15,7 @@ from service.core.metrics import BATCH_SIZE_BUCKETS, LATENCY_BUCKETS_S, UNKNOWN_
 MODELS = ("mobilenet_v1", "mobilenet_v2", "shufflenet_v1", "shufflenet_v2")
 BACKEND = "onnxruntime-cpu"
 
-# DESIGN.md's table: name -> (type, labels). A contract: dashboards and alerts are written against it.
+# The metrics' contract: name -> (type, labels). Dashboards and alerts are written against it.
 CONTRACT = {
     "classifier_requests": ("counter", {"model", "code"}),
     "classifier_images": ("counter", {"model"}),

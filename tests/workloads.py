@@ -86,7 +86,7 @@ MIB = 1024 * 1024
 # --- the hostile corpus ----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Case:
-    """One hostile request and the answer DESIGN.md prescribes for it."""
+    """One hostile request and the answer the service documents for it."""
 
     name: str
     status: int
