@@ -101,7 +101,7 @@ FROM ${GPU_BASE_IMAGE} AS gpu
 ARG PIP_INDEX_URL
 ARG PIP_EXTRA_INDEX_URL
 ARG PIP_FIND_LINKS
-ARG NVIDIA_INDEX_URL=https://pypi.nvidia.com
+ARG NVIDIA_INDEX_URL
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -120,6 +120,7 @@ RUN python3 /tmp/deps/requirements.py --pyproject /tmp/deps/pyproject.toml --ext
         --exclude nvidia-cufft-cu12 --exclude nvidia-curand-cu12 --exclude nvidia-cudnn-cu12 \
         > /tmp/deps/gpu.txt \
     && python3 -m venv /opt/venv \
+    && test -n "${NVIDIA_INDEX_URL}" || { echo "set --build-arg NVIDIA_INDEX_URL (NVIDIA's package index, for TensorRT)" >&2; exit 1; } \
     && /opt/venv/bin/pip install --no-cache-dir --extra-index-url "${NVIDIA_INDEX_URL}" -r /tmp/deps/gpu.txt \
     && /opt/venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'] + '/tensorrt_libs')" \
         > /etc/ld.so.conf.d/tensorrt-pip.conf \

@@ -83,11 +83,15 @@ test-image: $(VENV)/.installed
 # GPU_EXTRA picks the stack: gpu (CUDA 12) or gpu-cu13 (CUDA 13); deploy/gpu_stacks.toml says why
 # each version. TensorRT's libraries are published only on NVIDIA's package index (the packages of
 # the same name on the public index download from it while they install), so that index is passed
-# explicitly, and checked before anything is removed: point NVIDIA_INDEX_URL at a mirror of it if
-# this machine cannot reach it.
+# explicitly, and checked before anything is removed. NVIDIA_INDEX_URL is that index's URL, as
+# NVIDIA's TensorRT installation guide gives it (its pip section), or a mirror of it.
 GPU_EXTRA        ?= gpu
-NVIDIA_INDEX_URL ?= https://pypi.nvidia.com
+NVIDIA_INDEX_URL ?=
 gpu-install: $(VENV)/.installed
+	@test -n '$(NVIDIA_INDEX_URL)' || { \
+		echo "gpu-install: set NVIDIA_INDEX_URL to NVIDIA's Python package index (the URL in NVIDIA's" \
+			"TensorRT installation guide, pip section) or a mirror of it: TensorRT's libraries come only" \
+			"from there." >&2; exit 1; }
 	@$(PY) -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=30).close()' \
 		'$(NVIDIA_INDEX_URL)/' 2>/dev/null || { \
 		echo "gpu-install: NVIDIA's package index $(NVIDIA_INDEX_URL) is unreachable; TensorRT's libraries" \

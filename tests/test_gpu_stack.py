@@ -11,6 +11,7 @@ index cannot be reached.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import re
 import subprocess
@@ -251,7 +252,9 @@ def test_index_resolves_tensorrt_to_the_providers_major(resolved, stack_name):
 
 @pytest.mark.slow
 def test_tensorrt_libraries_resolve_from_nvidia(resolved):
-    index = FACTS["tensorrt_libs_index"]
+    index = os.environ.get("NVIDIA_INDEX_URL")
+    if not index:
+        pytest.skip("NVIDIA_INDEX_URL is not set: TensorRT's libraries (NVIDIA's index only) not resolved")
     try:
         urllib.request.urlopen(f"{index}/", timeout=10).close()
     except OSError as exc:
