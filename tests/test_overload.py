@@ -284,3 +284,27 @@ def test_requests_admitted_together_are_not_refused_by_the_queue_before_the_work
 
     results = asyncio.run(scenario())
     assert not any(isinstance(r, Exception) for r in results), results
+
+
+def test_one_request_of_many_images_gets_no_more_places_than_the_model_has():
+    """Places are counted per request at the door and per image inside, against one capacity: the
+    images of a single admitted request (multipart) fill the places and the next one is refused."""
+    gate = threading.Event()
+    runtime = FakeRuntime(gate=gate)
+
+    async def scenario() -> tuple[list, Overloaded]:
+        batcher = Batcher("m", runtime, Arrays(), max_batch_size=1, max_queue_delay_ms=0, max_queue_size=2)
+        batcher.start()
+        one = np.full((3, 2, 2), 1, np.float32)
+        with batcher.admit():
+            images = [asyncio.ensure_future(batcher.submit(one)) for _ in range(batcher.capacity)]
+            await asyncio.sleep(0.01)
+            with pytest.raises(Overloaded) as refused:
+                await batcher.submit(one)
+            gate.set()
+            results = await asyncio.gather(*images)
+        await batcher.stop(1)
+        return results, refused.value
+
+    results, refused = asyncio.run(scenario())
+    assert len(results) == 3 and int(refused.headers["Retry-After"]) >= 1
