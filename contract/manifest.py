@@ -24,7 +24,6 @@ __all__ = [
     "ENGINES_DIR",
     "MANIFEST_FILE",
     "ONNX_FILES",
-    "ORT_TENSORRT_CACHE_DIR",
     "Engine",
     "FileMismatch",
     "Manifest",
@@ -44,8 +43,6 @@ SCHEMA_VERSION = 1
 ONNX_FILES: dict[str, str] = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
 # Native TensorRT engines, under the model directory.
 ENGINES_DIR = "engines"
-# What ONNX Runtime's TensorRT provider builds at the first load and reuses after.
-ORT_TENSORRT_CACHE_DIR = f"{ENGINES_DIR}/onnxruntime-tensorrt"
 
 
 class _Strict(BaseModel):

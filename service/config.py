@@ -22,6 +22,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from contract.gpu import GPU_OPT_BATCH
 from service.core.cpus import cpu_count
+from service.core.runtimes.base import DEFAULT_ENGINE_CACHE_NAME
 
 Backend = Literal["auto", "tensorrt", "onnxruntime-tensorrt", "onnxruntime-cuda", "onnxruntime-cpu"]
 BACKENDS: tuple[str, ...] = typing.get_args(Backend)
@@ -154,6 +155,13 @@ class Settings(BaseSettings):
     decode_threads: int = Field(0, ge=0, description="0: one per CPU core")
     warmup: bool = True
 
+    # --- GPU backends ----------------------------------------------------------------------------
+    # Where GPU backends write their caches (ONNX Runtime's TensorRT engines and timing cache); None:
+    # ``engine-cache`` under the scratch directory (see engine_cache_path).
+    engine_cache_dir: Path | None = None
+    # fp32 work on a GPU may use TF32 (faster, logits ~1e-3 off the CPU's); False keeps fp32 in fp32.
+    allow_tf32: bool = False
+
     # --- process -------------------------------------------------------------------------------
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["json", "text"] = "json"
@@ -241,6 +249,12 @@ class Settings(BaseSettings):
     @property
     def scratch_path(self) -> Path:
         return self.scratch_dir if self.scratch_dir is not None else Path(tempfile.gettempdir())
+
+    @property
+    def engine_cache_path(self) -> Path:
+        if self.engine_cache_dir is not None:
+            return self.engine_cache_dir
+        return self.scratch_path / DEFAULT_ENGINE_CACHE_NAME
 
     @property
     def decode_workers(self) -> int:

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import logging
+import threading
+import time
 import types
 from pathlib import Path
 
@@ -292,22 +295,26 @@ SPEC = TensorSpec(name="input", shape=["batch", 3, 224, 224])
 
 
 def test_tensorrt_provider_options(tmp_path):
-    options = ort_backend.tensorrt_options(tmp_path / "mobilenet_v2", SPEC, "int8", RuntimeOptions())
-    cache = tmp_path / "mobilenet_v2" / "engines" / "onnxruntime-tensorrt"
+    engines, timing = ort_backend.tensorrt_cache_dirs(
+        tmp_path, "mobilenet_v2", "int8", "ab" * 32, allow_tf32=False
+    )
+    cache = tmp_path / "mobilenet_v2" / "onnxruntime-tensorrt"
+    assert (engines, timing) == (cache / "int8-abababababab", cache / "timing")
+    options = ort_backend.tensorrt_options(engines, timing, SPEC, "int8", RuntimeOptions())
     assert options == {
         "device_id": 0,
         "trt_max_workspace_size": 1 << 30,
         "trt_fp16_enable": False,
         "trt_int8_enable": True,
         "trt_engine_cache_enable": True,
-        "trt_engine_cache_path": str(cache / "int8"),
+        "trt_engine_cache_path": str(cache / "int8-abababababab"),
         "trt_timing_cache_enable": True,
-        "trt_timing_cache_path": str(cache),
+        "trt_timing_cache_path": str(cache / "timing"),
         "trt_profile_min_shapes": "input:1x3x224x224",
         "trt_profile_opt_shapes": "input:16x3x224x224",
         "trt_profile_max_shapes": "input:64x3x224x224",
     }
-    bigger = ort_backend.tensorrt_options(tmp_path, SPEC, "fp16", RuntimeOptions(max_batch_size=128))
+    bigger = ort_backend.tensorrt_options(engines, timing, SPEC, "fp16", RuntimeOptions(max_batch_size=128))
     assert bigger["trt_profile_max_shapes"] == "input:128x3x224x224"
     assert bigger["trt_fp16_enable"] is True and bigger["trt_int8_enable"] is False
 
@@ -317,7 +324,12 @@ def test_provider_lists_follow_the_backend(tmp_path):
         return [
             name
             for name, _ in ort_backend.provider_options(
-                backend, model_dir=tmp_path, input_spec=SPEC, precision="fp32", options=RuntimeOptions()
+                backend,
+                model="mobilenet_v2",
+                onnx_sha256="0" * 64,
+                input_spec=SPEC,
+                precision="fp32",
+                options=RuntimeOptions(engine_cache_dir=tmp_path),
             )
         ]
 
@@ -332,6 +344,7 @@ def test_provider_lists_follow_the_backend(tmp_path):
         "device_id": 0,
         "cudnn_conv_algo_search": "EXHAUSTIVE",
         "arena_extend_strategy": "kSameAsRequested",
+        "use_tf32": 0,
     }
 
 
@@ -358,8 +371,8 @@ def test_simulated_cuda_provider_that_fell_back_to_cpu_is_refused_no_gpu_here(tm
     real_session = ort.InferenceSession
     asked = {}
 
-    def session_that_fell_back(path, options, providers):
-        asked["providers"] = providers
+    def session_that_fell_back(path, options, providers, **kwargs):
+        asked["providers"], asked["kwargs"] = providers, kwargs
         return real_session(path, options, providers=["CPUExecutionProvider"])
 
     monkeypatch.setattr(
@@ -370,8 +383,14 @@ def test_simulated_cuda_provider_that_fell_back_to_cpu_is_refused_no_gpu_here(tm
         BackendUnavailable,
         match="asked for CUDAExecutionProvider but ONNX Runtime loaded CPUExecutionProvider",
     ):
-        load_runtime(model_dir, Manifest.load(model_dir), backend="onnxruntime-cuda")
+        load_runtime(
+            model_dir,
+            Manifest.load(model_dir),
+            backend="onnxruntime-cuda",
+            options=RuntimeOptions(engine_cache_dir=tmp_path / "cache"),
+        )
     assert asked["providers"][0] == ("CUDAExecutionProvider", ort_backend.cuda_options())
+    assert asked["kwargs"] == {"enable_fallback": 0}, "ONNX Runtime must not retry quietly on the CPU"
 
 
 # --- the native runtime's buffers, against a simulated TensorRT and CUDA -----------------------------
@@ -506,6 +525,111 @@ def test_simulated_tensorrt_runtime_buffers_slicing_and_padding_no_gpu_here(prof
     assert len(cuda.freed) == 8, "pinned and device buffers of both contexts are released"
     with pytest.raises(RuntimeError, match="closed"):
         runtime.run(batch)
+
+
+class _BlockingContext(_SimulatedContext):
+    """Holds every run inside execute until ``release`` is set: a batch in flight on the simulated GPU."""
+
+    def __init__(self, log, started, release):
+        super().__init__(log)
+        self.started, self.release = started, release
+
+    def execute_async_v3(self, stream):
+        self.started.set()
+        self.release.wait(10)
+        return super().execute_async_v3(stream)
+
+
+class _BlockingEngine(_SimulatedEngine):
+    def __init__(self, log):
+        super().__init__((1, 2, 4), log)
+        self.started, self.release = threading.Event(), threading.Event()
+
+    def create_execution_context(self):
+        return _BlockingContext(self.log, self.started, self.release)
+
+
+def _simulated_runtime(engine, monkeypatch):
+    trt = types.SimpleNamespace(__version__="10.8.0.43", nptype=lambda dtype: np.float32)
+    manifest = types.SimpleNamespace(
+        input=TensorSpec(name="input", shape=["batch", 3, 2, 2]),
+        output=TensorSpec(name="logits", shape=["batch", 5]),
+        labels=["a"] * 5,
+    )
+    monkeypatch.setattr(trt_backend, "cuda_check", lambda result: result[1] if len(result) > 1 else None)
+    cuda = _SimulatedCuda()
+    return trt_backend.TensorRTRuntime(trt, cuda, engine, _engine(max_batch=4), manifest, "fp32"), cuda
+
+
+def _in_thread(function):
+    result = {}
+
+    def target():
+        try:
+            result["value"] = function()
+        except Exception as exc:
+            result["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, result
+
+
+def test_simulated_tensorrt_close_waits_for_the_batch_in_flight_no_gpu_here(monkeypatch):
+    engine = _BlockingEngine([])
+    runtime, cuda = _simulated_runtime(engine, monkeypatch)
+    batch = np.ones((3, 3, 2, 2), np.float32)
+    running, ran = _in_thread(lambda: runtime.run(batch))
+    assert engine.started.wait(5)
+    closing, _ = _in_thread(runtime.close)
+    closing.join(0.3)
+    assert closing.is_alive(), "close() returned while a batch was still running"
+    assert cuda.freed == [], "buffers freed under a running batch"
+    engine.release.set()
+    running.join(5)
+    closing.join(5)
+    assert not closing.is_alive()
+    np.testing.assert_allclose(ran["value"], np.full((3, 1), 12.0) + np.arange(5))
+    assert len(cuda.freed) == 8
+    with pytest.raises(RuntimeError, match="closed"):
+        runtime.run(batch)
+
+
+def test_simulated_tensorrt_close_gives_up_on_a_stuck_batch_after_its_bound_no_gpu_here(monkeypatch, caplog):
+    engine = _BlockingEngine([])
+    runtime, cuda = _simulated_runtime(engine, monkeypatch)
+    runtime.close_wait_s = 0.2
+    running, _ = _in_thread(lambda: runtime.run(np.ones((1, 3, 2, 2), np.float32)))
+    assert engine.started.wait(5)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger=trt_backend.__name__):
+        runtime.close()
+    waited = time.monotonic() - started
+    assert 0.2 <= waited < 2.0
+    assert len(cuda.freed) == 8, "freed anyway once the bound has passed"
+    assert "1 batch(es) still running" in caplog.text
+    engine.release.set()
+    running.join(5)
+    runtime.close()  # a second close is a no-op
+
+
+def test_simulated_tensorrt_batch_waiting_for_a_context_is_refused_once_closed_no_gpu_here(monkeypatch):
+    engine = _BlockingEngine([])
+    runtime, _ = _simulated_runtime(engine, monkeypatch)
+    runtime.close_wait_s = 0.1
+    batch = np.ones((1, 3, 2, 2), np.float32)
+    first, _ = _in_thread(lambda: runtime.run(batch))
+    second, _ = _in_thread(lambda: runtime.run(batch))
+    assert engine.started.wait(5)
+    time.sleep(0.1)  # both contexts busy; a third batch waits for one
+    waiting, waited = _in_thread(lambda: runtime.run(batch))
+    time.sleep(0.1)
+    runtime.close()
+    waiting.join(5)
+    assert not waiting.is_alive() and "closed" in str(waited["error"])
+    engine.release.set()
+    first.join(5)
+    second.join(5)
 
 
 def test_an_engine_with_other_tensors_is_refused():

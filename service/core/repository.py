@@ -197,6 +197,8 @@ class ModelRepository:
             inter_op_threads=settings.inter_op_threads,
             execution_mode=settings.execution_mode,
             max_batch_size=settings.max_batch_size,
+            engine_cache_dir=settings.engine_cache_path,
+            allow_tf32=settings.allow_tf32,
         )
         backend = settings.backend_for(model.name)
         try:

@@ -7,38 +7,55 @@ being unavailable rather than served by something else. (The session option
 ``session.disable_cpu_ep_fallback`` is not used for this: the CUDA provider deliberately places
 shape arithmetic on the CPU, so it would refuse every model with a Reshape of a computed shape.)
 
-GPU provider options (:func:`provider_options`), from ONNX Runtime's TensorRT and CUDA provider
-documentation:
+When a GPU provider does not come up, the reason is ONNX Runtime's own: a provider that throws while
+it is created raises (the session is made with ``enable_fallback=0``, so ONNX Runtime does not quietly
+retry on other providers), and one whose libraries do not load is only written to ONNX Runtime's log
+on standard error, which is captured while the session is made (:mod:`.native_log`) and quoted.
 
-* TensorRT: engine and timing caches under ``<model>/engines/onnxruntime-tensorrt/`` (an engine is
-  built at the first load, then reused while the model, TensorRT and GPU stay the same), explicit
-  profile shapes for the batch axis (1, ``GPU_OPT_BATCH``, max(64, MAX_BATCH_SIZE)) so that no batch
-  size triggers a rebuild, a workspace cap, and ``trt_fp16_enable`` / ``trt_int8_enable`` matching the
+GPU provider options (:func:`provider_options`), from ONNX Runtime's TensorRT and CUDA provider
+documentation and the providers' option parsers (``tensorrt_execution_provider_info.cc``,
+``cuda_execution_provider_info.cc``):
+
+* TensorRT: engine and timing caches (``trt_engine_cache_path``, ``trt_timing_cache_path``) under
+  ENGINE_CACHE_DIR, never in the model repository, which may be read-only. The provider creates only
+  the last level of those paths and fails otherwise, so every directory is made first. An engine is
+  built at the first load and reused while the model, TensorRT and GPU stay the same; the provider
+  does not notice a changed model file at the same path, so the engine directory is named after the
+  file's SHA-256 (and TF32, which the provider does not key its cache on either). Explicit profile
+  shapes for the batch axis (1, ``GPU_OPT_BATCH``, max(64, MAX_BATCH_SIZE)) so that no batch size
+  triggers a rebuild, a workspace cap, and ``trt_fp16_enable`` / ``trt_int8_enable`` matching the
   precision (TensorRT 10 needs the int8 flag to build a Q/DQ model; TensorRT 11 takes the types from
   the graph). An int8 model quantized with the CPU recipe (uint8 activations) cannot be built by
   TensorRT and is refused up front.
+* TF32: the TensorRT provider has no option for it (its option list has none; ONNX Runtime issue
+  26029 asks for one) and TensorRT's builder allows TF32 by default, so with ALLOW_TF32 off the
+  process's ``NVIDIA_TF32_OVERRIDE`` is set to ``0`` before the first such session (unless already
+  set): TensorRT, cuBLAS and cuDNN read it and then keep fp32 in fp32. It applies to the whole
+  process, which ALLOW_TF32 does anyway.
 * CUDA: device 0, exhaustive cuDNN convolution search (the warm-up runs every batch size once, so the
-  search is paid before ``/readyz``), an arena that grows by what is asked.
+  search is paid before ``/readyz``), an arena that grows by what is asked, and ``use_tf32`` (ONNX
+  Runtime 1.18 and later: TF32 in cuBLAS GEMMs and cuDNN convolutions; on by default) set from
+  ALLOW_TF32.
+* Libraries: ``onnxruntime.preload_dlls()`` (ONNX Runtime 1.21 and later) runs once before the first
+  GPU session, so that the CUDA and cuDNN wheels installed beside onnxruntime-gpu are found without
+  them being on the loader's path. CPU serving never calls it.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import re
+import threading
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from contract.gpu import GPU_OPT_BATCH
-from contract.manifest import (
-    ORT_TENSORRT_CACHE_DIR,
-    FileMismatch,
-    Manifest,
-    OnnxFile,
-    TensorSpec,
-    verify_file,
-)
+from contract.manifest import FileMismatch, Manifest, OnnxFile, TensorSpec, verify_file
 from service.core.runtimes.base import BackendUnavailable, RuntimeLoadError, RuntimeOptions
+from service.core.runtimes.native_log import capture_stderr
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +68,17 @@ PROVIDERS: dict[str, tuple[str, ...]] = {
 _BACKEND_OF_PROVIDER = {providers[0]: backend for backend, providers in PROVIDERS.items()}
 TRT_MIN_PROFILE_MAX_BATCH = 64
 TRT_WORKSPACE_BYTES = 1 << 30
+# Under ENGINE_CACHE_DIR/<model>/: the TensorRT provider's engines (one directory per model file,
+# precision and TF32 choice) and its timing cache (shared by them).
+TENSORRT_CACHE_DIR = "onnxruntime-tensorrt"
+TIMING_CACHE_DIR = "timing"
+# The providers' options that name directories they write to.
+_DIRECTORY_OPTIONS = ("trt_engine_cache_path", "trt_timing_cache_path")
+TF32_OVERRIDE_VARIABLE = "NVIDIA_TF32_OVERRIDE"
+# An ONNX Runtime log line: "<time> [E:onnxruntime:<logger>, <file>:<line> <function>] <message>".
+_ORT_LOG_LINE = re.compile(r"\[[EFW]:onnxruntime:[^\]]*\]\s*(?P<message>.*\S)")
+_preload_lock = threading.Lock()
+_preload_done = False
 _ORT_TYPE = {"float32": "tensor(float)", "float16": "tensor(float16)"}
 _NUMPY_OF_ORT_TYPE = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -96,19 +124,22 @@ class OrtRuntime:
             raise RuntimeLoadError(str(exc)) from exc
         options = options or RuntimeOptions()
         providers = provider_options(
-            backend, model_dir=Path(model_dir), input_spec=input_spec, precision=precision, options=options
+            backend,
+            model=manifest.name,
+            onnx_sha256=onnx_file.sha256,
+            input_spec=input_spec,
+            precision=precision,
+            options=options,
         )
-        try:
-            session = ort.InferenceSession(str(path), _session_options(options), providers=providers)
-        except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
-            raise RuntimeLoadError(f"ONNX Runtime cannot load {path.name}: {exc}") from exc
-        actual = session.get_providers()
-        if not actual or actual[0] != wanted[0]:
-            raise BackendUnavailable(
-                f"{backend} asked for {wanted[0]} but ONNX Runtime loaded {', '.join(actual) or 'nothing'}"
-            )
+        if backend == "onnxruntime-cpu":
+            try:
+                session = ort.InferenceSession(str(path), _session_options(options), providers=providers)
+            except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
+                raise RuntimeLoadError(f"ONNX Runtime cannot load {path.name}: {exc}") from exc
+        else:
+            session = _gpu_session(path, backend, providers, options)
         _verify_signature(session, input_spec, manifest.output, exact_dtype=precision == "fp32")
-        return cls(session, _BACKEND_OF_PROVIDER[actual[0]], precision)
+        return cls(session, _BACKEND_OF_PROVIDER[session.get_providers()[0]], precision)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         feed = {self.input_name: batch.astype(self._input_dtype, copy=False)}
@@ -123,7 +154,8 @@ class OrtRuntime:
 def provider_options(
     backend: str,
     *,
-    model_dir: Path,
+    model: str,
+    onnx_sha256: str,
     input_spec: TensorSpec,
     precision: str,
     options: RuntimeOptions,
@@ -132,18 +164,29 @@ def provider_options(
     result: list[tuple[str, dict[str, object]]] = []
     for provider in PROVIDERS[backend]:
         if provider == "TensorrtExecutionProvider":
-            result.append((provider, tensorrt_options(model_dir, input_spec, precision, options)))
+            engines, timing = tensorrt_cache_dirs(
+                options.engine_cache_root, model, precision, onnx_sha256, allow_tf32=options.allow_tf32
+            )
+            result.append((provider, tensorrt_options(engines, timing, input_spec, precision, options)))
         elif provider == "CUDAExecutionProvider":
-            result.append((provider, cuda_options()))
+            result.append((provider, cuda_options(allow_tf32=options.allow_tf32)))
         else:
             result.append((provider, {}))
     return result
 
 
+def tensorrt_cache_dirs(
+    root: Path, model: str, precision: str, onnx_sha256: str, *, allow_tf32: bool
+) -> tuple[Path, Path]:
+    """(engine cache, timing cache) directories of the TensorRT provider for one model file."""
+    base = Path(root) / model / TENSORRT_CACHE_DIR
+    tf32 = "-tf32" if allow_tf32 else ""
+    return base / f"{precision}-{onnx_sha256[:12]}{tf32}", base / TIMING_CACHE_DIR
+
+
 def tensorrt_options(
-    model_dir: Path, input_spec: TensorSpec, precision: str, options: RuntimeOptions
+    engine_cache: Path, timing_cache: Path, input_spec: TensorSpec, precision: str, options: RuntimeOptions
 ) -> dict[str, object]:
-    cache = Path(model_dir) / ORT_TENSORRT_CACHE_DIR
     max_batch = max(TRT_MIN_PROFILE_MAX_BATCH, options.max_batch_size or 0)
     sample = "x".join(str(d) for d in input_spec.shape[1:])
 
@@ -156,21 +199,86 @@ def tensorrt_options(
         "trt_fp16_enable": precision == "fp16",
         "trt_int8_enable": precision == "int8",
         "trt_engine_cache_enable": True,
-        "trt_engine_cache_path": str(cache / precision),
+        "trt_engine_cache_path": str(engine_cache),
         "trt_timing_cache_enable": True,
-        "trt_timing_cache_path": str(cache),
+        "trt_timing_cache_path": str(timing_cache),
         "trt_profile_min_shapes": shapes(1),
         "trt_profile_opt_shapes": shapes(min(GPU_OPT_BATCH, max_batch)),
         "trt_profile_max_shapes": shapes(max_batch),
     }
 
 
-def cuda_options() -> dict[str, object]:
+def cuda_options(*, allow_tf32: bool = False) -> dict[str, object]:
     return {
         "device_id": 0,
         "cudnn_conv_algo_search": "EXHAUSTIVE",
         "arena_extend_strategy": "kSameAsRequested",
+        "use_tf32": int(allow_tf32),
     }
+
+
+def provider_directories(providers: list[tuple[str, dict[str, object]]]) -> list[Path]:
+    """The directories the providers will write to, as their options name them."""
+    return [
+        Path(str(settings[name]))
+        for _, settings in providers
+        for name in _DIRECTORY_OPTIONS
+        if settings.get(name)
+    ]
+
+
+def _gpu_session(
+    path: Path, backend: str, providers: list[tuple[str, dict[str, object]]], options: RuntimeOptions
+) -> ort.InferenceSession:
+    """A session on ``backend``'s GPU provider, or BackendUnavailable with ONNX Runtime's reason."""
+    wanted = providers[0][0]
+    for directory in provider_directories(providers):
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise BackendUnavailable(
+                f"{backend} cannot create its cache directory {directory} ({exc}): point ENGINE_CACHE_DIR "
+                "at a writable directory"
+            ) from exc
+    _prepare_gpu_process(backend, options)
+    with capture_stderr() as native_log:
+        try:
+            # The file's digest was checked, so what fails here is the provider (or its libraries):
+            # unavailable, so that BACKEND=auto goes on to the next backend.
+            session = ort.InferenceSession(
+                str(path), _session_options(options), providers=providers, enable_fallback=0
+            )
+        except Exception as exc:
+            raise BackendUnavailable(f"{backend}: ONNX Runtime could not start {wanted}: {exc}") from exc
+    actual = session.get_providers()
+    if not actual or actual[0] != wanted:
+        messages = ort_log_messages(native_log.text)
+        said = f"ONNX Runtime said: {'; '.join(messages)}" if messages else "ONNX Runtime logged no reason"
+        raise BackendUnavailable(
+            f"{backend} asked for {wanted} but ONNX Runtime loaded {', '.join(actual) or 'nothing'}; {said}"
+        )
+    return session
+
+
+def ort_log_messages(text: str) -> list[str]:
+    """The messages of ONNX Runtime's warning and error lines in ``text``, without time and source."""
+    return [match["message"] for match in map(_ORT_LOG_LINE.search, text.splitlines()) if match]
+
+
+def _prepare_gpu_process(backend: str, options: RuntimeOptions) -> None:
+    """What the process needs before a GPU session: the CUDA libraries found, TF32 as configured."""
+    global _preload_done
+    with _preload_lock:
+        if not _preload_done:
+            _preload_done = True
+            preload = getattr(ort, "preload_dlls", None)
+            if preload is not None:
+                try:
+                    preload()
+                except Exception as exc:  # it looks in fixed places; the session then says what is missing
+                    log.warning("onnxruntime.preload_dlls() failed: %s", exc)
+    if backend == "onnxruntime-tensorrt" and not options.allow_tf32:
+        os.environ.setdefault(TF32_OVERRIDE_VARIABLE, "0")
 
 
 def _check_int8_recipe(manifest: Manifest, backend: str, precision: str) -> None:

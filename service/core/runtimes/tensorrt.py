@@ -26,6 +26,7 @@ import ctypes
 import logging
 import queue
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -230,6 +231,9 @@ class TensorRTRuntime:
     """A deserialized engine and a pool of execution contexts; ``run`` is thread-safe."""
 
     name = BACKEND
+    # How long close() waits for batches still running before it frees their buffers regardless: a
+    # batch takes milliseconds, so one still running after this is stuck, and shutdown must go on.
+    close_wait_s = 5.0
 
     def __init__(self, trt, cudart, engine, record: Engine, manifest: Manifest, precision: str) -> None:
         self._trt = trt
@@ -243,8 +247,10 @@ class TensorRTRuntime:
         self.providers = (f"TensorRT {trt.__version__}",)
         self._trt_runtime = None  # set by load(): the engine must not outlive the runtime that made it
         self._slots: list[_Slot] = []
-        self._free: queue.Queue[_Slot] = queue.Queue()
+        # A slot is in the queue while no batch uses it; after close(), a None wakes a batch that waits.
+        self._free: queue.Queue[_Slot | None] = queue.Queue()
         self._lock = threading.Lock()
+        self._closed = False
         try:
             for index in range(max(1, min(engine.num_optimization_profiles, record.profiles))):
                 slot = _Slot(self, engine, index)
@@ -298,10 +304,13 @@ class TensorRTRuntime:
         return instance
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        if not self._slots:
+        if self._closed:
             raise RuntimeError("the TensorRT runtime is closed")
         out = np.empty((len(batch), self.classes), dtype=np.float32)
         slot = self._free.get()
+        if self._closed:  # closed while this batch waited: pass the wake-up on to the next waiter
+            self._free.put(slot)
+            raise RuntimeError("the TensorRT runtime is closed")
         try:
             slot.run(self, batch, out)
         finally:
@@ -309,11 +318,33 @@ class TensorRTRuntime:
         return out
 
     def close(self) -> None:
+        """Free every context and buffer once the batches in flight have finished (at most
+        ``close_wait_s``; then they are freed anyway, and the stuck batches are logged)."""
         with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            # Holding every slot means no batch is using one; new batches are refused from here on.
+            deadline = time.monotonic() + self.close_wait_s
+            held = 0
+            while held < len(self._slots):
+                try:
+                    self._free.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                held += 1
+            if held < len(self._slots):
+                log.warning(
+                    "TensorRT runtime closed with %d batch(es) still running after %.1f s; freeing their "
+                    "buffers anyway",
+                    len(self._slots) - held,
+                    self.close_wait_s,
+                )
             for slot in self._slots:
                 slot.free()
             self._slots.clear()
             self._engine = None
+            self._free.put(None)
 
 
 def check_io(engine, trt, manifest: Manifest) -> None:
