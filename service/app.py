@@ -1,4 +1,4 @@
-"""The app factory: wires settings, metrics, models, the decode pool, the routes, the middleware and
+"""The app factory: wires settings, metrics, the model repository, the routes, the middleware and
 the error handlers into one FastAPI app.
 
 Models load in the background once the lifespan starts, so ``/healthz`` answers during the load

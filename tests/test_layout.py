@@ -62,6 +62,24 @@ def test_import_direction(where):
     assert not offenders, "\n".join(offenders)
 
 
+# Inside the server: the shared core knows no front door, and the batcher no HTTP and no images.
+CORE_FORBIDDEN: dict[str, set[str]] = {
+    "service/core": {"service.http", "fastapi", "starlette", "uvicorn"},
+    "service/core/batcher.py": {"service.http", "service.core.imaging", "service.core.pipeline", "PIL"},
+}
+
+
+@pytest.mark.parametrize("where", sorted(CORE_FORBIDDEN))
+def test_the_core_knows_no_front_door(where):
+    offenders = [
+        f"{path.relative_to(REPO)} imports {module}"
+        for path in _sources(where)
+        for module in sorted(_imported_modules(path))
+        if any(module == banned or module.startswith(banned + ".") for banned in CORE_FORBIDDEN[where])
+    ]
+    assert not offenders, "\n".join(offenders)
+
+
 def test_the_import_reader_sees_lazy_and_relative_imports(tmp_path):
     package = tmp_path / "service" / "core"
     package.mkdir(parents=True)
