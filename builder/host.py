@@ -35,20 +35,66 @@ def tensorrt_problem() -> str | None:
     return None
 
 
+def dla_support_problem() -> str | None:
+    """Why the installed TensorRT cannot build for DLA, or None (checked from its version)."""
+    import tensorrt
+
+    from builder.tensorrt import dla_problem
+
+    return dla_problem(tensorrt.__version__)
+
+
 def nvidia_gpu_present() -> bool:
     if Path("/proc/driver/nvidia/gpus").is_dir() and any(Path("/proc/driver/nvidia/gpus").iterdir()):
         return True
     return shutil.which("nvidia-smi") is not None and any(Path("/dev").glob("nvidia[0-9]*"))
 
 
-def on_jetson() -> bool:
-    if Path("/etc/nv_tegra_release").exists():
-        return True
-    model = Path("/proc/device-tree/model")
+# Signs of a Jetson, in the order they are tried. A container sees /proc/device-tree masked, so the
+# first two are what works there: the L4T release file (the NVIDIA container runtime on Jetson mounts
+# it; otherwise mount it read-only from the host) and the L4T core package, in images built on L4T.
+NV_TEGRA_RELEASE = Path("/etc/nv_tegra_release")
+L4T_CORE_PACKAGE = "nvidia-l4t-core"
+DEVICE_TREE_MODEL = Path("/proc/device-tree/model")
+
+
+def jetson_evidence() -> str | None:
+    """What shows that this machine is a Jetson (for messages), or None."""
+    if NV_TEGRA_RELEASE.is_file():
+        return str(NV_TEGRA_RELEASE)
+    version = _l4t_package_version()
+    if version:
+        return f"package {L4T_CORE_PACKAGE} {version}"
     try:
-        return "jetson" in model.read_text(errors="ignore").lower()
+        model = DEVICE_TREE_MODEL.read_text(errors="ignore").strip("\x00 \n")
     except OSError:
-        return False
+        return None
+    return f"{DEVICE_TREE_MODEL}: {model}" if "jetson" in model.lower() else None
+
+
+def on_jetson() -> bool:
+    return jetson_evidence() is not None
+
+
+def _l4t_package_version() -> str | None:
+    dpkg_query = shutil.which("dpkg-query")
+    if dpkg_query is None:
+        return None
+    try:
+        result = subprocess.run(
+            [dpkg_query, "-W", "-f=${Status}|${Version}", L4T_CORE_PACKAGE],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    status, _, version = result.stdout.partition("|")
+    # A removed package keeps an entry ("deinstall ok config-files"): only an installed one counts.
+    if result.returncode != 0 or status.strip() != "install ok installed":
+        return None
+    return version.strip() or None
 
 
 def check_target(args: argparse.Namespace, names: list[str]) -> list[str]:
@@ -70,6 +116,10 @@ def check_target(args: argparse.Namespace, names: list[str]) -> list[str]:
         trt = tensorrt_problem()
         if trt:
             problems.append(trt)
+        elif args.dla_core is not None:
+            dla = dla_support_problem()
+            if dla:
+                problems.append(dla)
         if args.target == "gpu" and not nvidia_gpu_present():
             problems.append(
                 "no NVIDIA GPU found (no /proc/driver/nvidia/gpus entry or /dev/nvidia* device): run this "

@@ -25,7 +25,15 @@ What is decided here, and why:
 * **DLA (Jetson).** ``--dla-core N`` sets the default device to DLA core N with GPU fallback on; the
   layers DLA cannot run are listed (``IBuilderConfig.can_run_on_DLA``) in the manifest and the log.
   DLA runs fp16 and int8 only. TensorRT 11.0 to 11.4.0 have no DLA on Jetson (11.4.1 brings it back
-  on AGX Orin with JetPack 7.2.2); JetPack 6 ships TensorRT 10, which has it.
+  on AGX Orin with JetPack 7.2.2); JetPack 6 ships TensorRT 10, which has it. :func:`dla_problem`
+  says so from the version before anything is built; a device without DLA cores (Thor, x86 GPUs) is
+  refused when the build starts.
+* **TF32.** TensorRT's builder allows TF32 by default (``BuilderFlag.TF32`` is set in a new builder
+  config, per TensorRT's developer guide): fp32 convolutions then round their inputs to a 10-bit
+  mantissa, and logits drift from the CPU's by far more than fp32 rounding. An fp32 engine is built
+  with the flag cleared unless ``ALLOW_TF32`` is true in the environment (the server's variable of
+  the same name, so one config map sets both); reduced-precision engines keep TensorRT's default.
+  An engine built before ``ALLOW_TF32`` changed is not rebuilt by itself: build with ``--force``.
 
 Nothing here has run on a GPU yet: the calls follow TensorRT's Python API reference and migration
 guides, and ``make gpu-selftest`` is the check to run on real hardware.
@@ -38,6 +46,7 @@ import logging
 import os
 import re
 import shlex
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +62,9 @@ DEFAULT_CONTEXTS = 2
 DEFAULT_WORKSPACE_MIB = 1024
 # First TensorRT 11 release with DLA on Jetson (AGX Orin, JetPack 7.2.2 or later).
 TRT11_FIRST_JETSON_DLA = (11, 4, 1)
+ALLOW_TF32_VARIABLE = "ALLOW_TF32"
+_TRUE = frozenset({"1", "true", "yes", "on", "t", "y"})
+_FALSE = frozenset({"", "0", "false", "no", "off", "f", "n"})
 
 
 class TensorRTBuildError(RuntimeError):
@@ -89,6 +101,28 @@ def check_version(version: str) -> int:
             "(name-based tensor I/O, execute_async_v3); install one of those"
         )
     return major
+
+
+def dla_problem(trt_version: str) -> str | None:
+    """Why TensorRT ``trt_version`` cannot build for DLA on a Jetson, or None."""
+    major = trt_major(trt_version)
+    if major == 11 and version_tuple(trt_version)[:3] < TRT11_FIRST_JETSON_DLA:
+        return (
+            f"TensorRT {trt_version} has no DLA support on Jetson (TensorRT 11.0 to 11.4.0 dropped it; "
+            "11.4.1 with JetPack 7.2.2 brings it back on AGX Orin, and JetPack 6's TensorRT 10 has it): "
+            "build without --dla-core, or use one of those versions"
+        )
+    return None
+
+
+def tf32_allowed(environ: Mapping[str, str] = os.environ) -> bool:
+    """``ALLOW_TF32`` from the environment, read as the server reads it (unset: false)."""
+    value = environ.get(ALLOW_TF32_VARIABLE, "").strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise TensorRTBuildError(f"{ALLOW_TF32_VARIABLE}={environ[ALLOW_TF32_VARIABLE]!r}: use true or false")
 
 
 @dataclass(frozen=True)
@@ -145,6 +179,8 @@ class BuildPlan:
     dla_core: int | None = None
     strongly_typed: bool = False  # informational: 11.x networks always are
     notes: tuple[str, ...] = field(default=())
+    # Names of tensorrt.BuilderFlag members to clear from the builder config's defaults.
+    cleared_flags: tuple[str, ...] = ()
 
 
 def plan_build(
@@ -156,6 +192,7 @@ def plan_build(
     contexts: int = DEFAULT_CONTEXTS,
     workspace_mib: int = DEFAULT_WORKSPACE_MIB,
     int8_recipe: str | None = None,
+    allow_tf32: bool = False,
 ) -> BuildPlan:
     """How to build a ``precision`` engine with TensorRT ``trt_version`` (10.x or 11.x)."""
     major = check_version(trt_version)
@@ -175,12 +212,9 @@ def plan_build(
             raise TensorRTBuildError(
                 "DLA runs fp16 and int8 only: use --precision fp16 or int8 with --dla-core"
             )
-        if major == 11 and version_tuple(trt_version)[:3] < TRT11_FIRST_JETSON_DLA:
-            raise TensorRTBuildError(
-                f"TensorRT {trt_version} has no DLA support on Jetson (TensorRT 11.0 to 11.4.0 dropped it; "
-                "11.4.1 with JetPack 7.2.2 brings it back on AGX Orin, and JetPack 6's TensorRT 10 has it): "
-                "build without --dla-core, or use one of those versions"
-            )
+        problem = dla_problem(trt_version)
+        if problem:
+            raise TensorRTBuildError(problem)
     flags: list[str] = []
     notes: list[str] = []
     if major >= 11:
@@ -196,6 +230,7 @@ def plan_build(
             flags += ["INT8", "FP16"]
     if dla:
         flags.append("GPU_FALLBACK")
+    cleared = ("TF32",) if precision == "fp32" and not allow_tf32 else ()
     return BuildPlan(
         precision=precision,
         trt_version=trt_version,
@@ -206,6 +241,7 @@ def plan_build(
         dla_core=dla_core,
         strongly_typed=major >= 11,
         notes=tuple(notes),
+        cleared_flags=cleared,
     )
 
 
@@ -290,11 +326,16 @@ def build_engine(
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, plan.workspace_bytes)
     for flag in plan.builder_flags:
         config.set_flag(getattr(trt.BuilderFlag, flag))
+    for flag in plan.cleared_flags:
+        config.clear_flag(getattr(trt.BuilderFlag, flag))
     fallback: list[str] | None = None
     if plan.dla_core is not None:
         cores = builder.num_DLA_cores
         if plan.dla_core >= cores:
-            raise TensorRTBuildError(f"--dla-core {plan.dla_core}: this device has {cores} DLA core(s)")
+            raise TensorRTBuildError(
+                f"--dla-core {plan.dla_core}: this device has {cores} DLA core(s) (Jetson Orin Nano, "
+                "Thor and discrete GPUs have none): build without --dla-core"
+            )
         config.default_device_type = trt.DeviceType.DLA
         config.DLA_core = plan.dla_core
         fallback = [
@@ -365,6 +406,7 @@ def build_model_engines(
 
     model_dir = args.out / name
     lines = []
+    allow_tf32 = tf32_allowed()
     for precision in args.precision:
         manifest = Manifest.load(model_dir)
         variant = next((v for v in manifest.precisions if v.precision == precision), None)
@@ -376,6 +418,7 @@ def build_model_engines(
             contexts=args.contexts,
             workspace_mib=args.workspace_mib,
             int8_recipe=variant.recipe if variant is not None else None,
+            allow_tf32=allow_tf32,
         )
         built = build_engine(
             model_dir,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import logging
+import sys
 import threading
 import time
 import types
@@ -88,6 +89,95 @@ def test_dla_plans():
         trtb.plan_build("11.2.0", "fp16", max_batch=8, dla_core=0)
     restored = trtb.plan_build("11.4.1", "fp16", max_batch=8, dla_core=0)
     assert restored.builder_flags == ("GPU_FALLBACK",) and restored.onnx_file == "model.fp16.onnx"
+
+
+@pytest.mark.parametrize(
+    ("version", "problem"),
+    [("10.3.0", False), ("10.13.3.9", False), ("11.0.0", True), ("11.4.0.106", True), ("11.4.1", False)],
+)
+def test_dla_support_is_read_from_the_tensorrt_version(version, problem):
+    message = trtb.dla_problem(version)
+    assert (message is not None) is problem
+    if problem:
+        assert f"TensorRT {version} has no DLA support on Jetson" in message
+        assert "build without --dla-core" in message
+
+
+def test_build_with_dla_on_a_tensorrt_without_it_is_refused_before_anything_is_built(monkeypatch):
+    import build_engines
+
+    args = build_engines.parse_args(["--models", "mobilenet_v2", "--target", "jetson", "--dla-core", "0"])
+    monkeypatch.setattr(host, "on_jetson", lambda: True)
+    monkeypatch.setattr(host, "tensorrt_problem", lambda: None)
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="11.2.0"))
+    (problem,) = host.check_target(args, ["mobilenet_v2"])
+    assert "TensorRT 11.2.0 has no DLA support on Jetson" in problem
+    without_dla = build_engines.parse_args(["--models", "mobilenet_v2", "--target", "jetson"])
+    assert host.check_target(without_dla, ["mobilenet_v2"]) == []
+
+
+@pytest.mark.parametrize("version", ["10.8.0.43", "11.4.0.106"])
+def test_fp32_engines_are_built_with_tf32_cleared_unless_allowed(version):
+    fp32 = trtb.plan_build(version, "fp32", max_batch=8)
+    assert fp32.cleared_flags == ("TF32",)
+    assert trtb.plan_build(version, "fp32", max_batch=8, allow_tf32=True).cleared_flags == ()
+    for precision in ("fp16", "int8"):
+        plan = trtb.plan_build(version, precision, max_batch=8, int8_recipe="tensorrt")
+        assert plan.cleared_flags == (), "reduced precision keeps TensorRT's own choice"
+
+
+def test_allow_tf32_is_read_from_the_environment_as_the_server_reads_it():
+    assert trtb.tf32_allowed({}) is False
+    for value in ("true", "1", "YES", "on"):
+        assert trtb.tf32_allowed({"ALLOW_TF32": value}) is True
+    for value in ("false", "0", "no", "off", ""):
+        assert trtb.tf32_allowed({"ALLOW_TF32": value}) is False
+    with pytest.raises(trtb.TensorRTBuildError, match="ALLOW_TF32='maybe': use true or false"):
+        trtb.tf32_allowed({"ALLOW_TF32": "maybe"})
+
+
+class _FakeDpkg:
+    def __init__(self, stdout: str, returncode: int = 0):
+        self.stdout, self.returncode = stdout, returncode
+        self.argv = None
+
+    def __call__(self, argv, **kwargs):
+        self.argv = argv
+        return types.SimpleNamespace(stdout=self.stdout, returncode=self.returncode)
+
+
+@pytest.fixture
+def no_jetson_signs(tmp_path, monkeypatch):
+    """A machine with none of the signs (paths that do not exist, no dpkg-query)."""
+    monkeypatch.setattr(host, "NV_TEGRA_RELEASE", tmp_path / "nv_tegra_release")
+    monkeypatch.setattr(host, "DEVICE_TREE_MODEL", tmp_path / "device-tree-model")
+    monkeypatch.setattr(host.shutil, "which", lambda name: None)
+    return tmp_path
+
+
+def test_jetson_is_recognised_inside_a_container_by_the_l4t_release_file(no_jetson_signs):
+    assert not host.on_jetson()
+    (no_jetson_signs / "nv_tegra_release").write_text("# R36 (release), REVISION: 4.3\n")
+    assert host.jetson_evidence() == str(no_jetson_signs / "nv_tegra_release")
+
+
+def test_jetson_is_recognised_by_the_installed_l4t_core_package(no_jetson_signs, monkeypatch):
+    dpkg = _FakeDpkg("install ok installed|36.4.3-20250107174145")
+    monkeypatch.setattr(host.shutil, "which", lambda name: "/usr/bin/dpkg-query")
+    monkeypatch.setattr(host.subprocess, "run", dpkg)
+    assert host.jetson_evidence() == "package nvidia-l4t-core 36.4.3-20250107174145"
+    assert dpkg.argv[-1] == "nvidia-l4t-core"
+    monkeypatch.setattr(host.subprocess, "run", _FakeDpkg("deinstall ok config-files|36.4.3"))
+    assert not host.on_jetson(), "a removed package is no sign"
+    monkeypatch.setattr(host.subprocess, "run", _FakeDpkg("", returncode=1))
+    assert not host.on_jetson()
+
+
+def test_jetson_is_recognised_by_the_device_tree_where_it_is_visible(no_jetson_signs):
+    (no_jetson_signs / "device-tree-model").write_text("NVIDIA Jetson AGX Orin Developer Kit\x00")
+    assert host.jetson_evidence().endswith("NVIDIA Jetson AGX Orin Developer Kit")
+    (no_jetson_signs / "device-tree-model").write_text("Raspberry Pi 5 Model B\x00")
+    assert not host.on_jetson()
 
 
 def test_profiles():
@@ -652,7 +742,7 @@ def test_the_plan_uses_flags_this_tensorrt_has():
 
     for precision in ("fp32", "fp16", "int8"):
         plan = trtb.plan_build(trt.__version__, precision, max_batch=8, int8_recipe="tensorrt")
-        for flag in plan.builder_flags:
+        for flag in (*plan.builder_flags, *plan.cleared_flags):
             assert hasattr(trt.BuilderFlag, flag), f"TensorRT {trt.__version__} has no BuilderFlag.{flag}"
 
 
