@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import functools
 import importlib.util
-import inspect
 import json
 import os
 import re
@@ -39,8 +38,6 @@ SERVICEMONITOR_SCHEMA = REPO / "deploy" / "schemas" / "servicemonitor-v1.json"
 COMPOSE_FILE = REPO / "docker-compose.yml"
 DOCKERFILE = REPO / "Dockerfile"
 ENTRYPOINT = REPO / "deploy" / "entrypoint.sh"
-# DESIGN.md's routes, used until the app factory exists in this tree.
-DESIGN_ROUTES = frozenset({"/", "/classify", "/models", "/models/{name}", "/healthz", "/readyz", "/metrics"})
 INSTALL_HINT = "run deploy/install-test-tools.sh (make test does)"
 
 
@@ -121,23 +118,16 @@ def _config(docs: list[dict[str, Any]], container: dict[str, Any]) -> dict[str, 
 
 @functools.cache
 def _app():
-    """The FastAPI app (None until service/app.py exists in this tree); nothing is loaded."""
-    if importlib.util.find_spec("service.app") is None:
-        return None
+    """The FastAPI app, as the server builds it; nothing is loaded."""
     from service.app import create_app
+    from service.config import Settings
 
-    if inspect.signature(create_app).parameters:
-        from service.config import Settings
-
-        return create_app(Settings(model_repository=REPO / "model_repository", warmup=False))
-    return create_app()
+    return create_app(Settings(model_repository=REPO / "model_repository", warmup=False))
 
 
 def _app_serves(path: str, method: str = "GET") -> bool:
-    """Whether the app routes ``method path`` to a handler (DESIGN.md's list until the app exists)."""
+    """Whether the app routes ``method path`` to a handler."""
     app = _app()
-    if app is None:
-        return path in DESIGN_ROUTES
     from starlette.routing import Match
 
     scope = {
