@@ -441,6 +441,20 @@ def test_gpu_overlay_builds_engines_on_the_node_and_requests_a_gpu():
     assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
 
 
+def test_gpu_overlay_gives_the_server_a_writable_engine_cache_volume():
+    """ONNX Runtime's TensorRT provider writes its engines to ENGINE_CACHE_DIR: a mounted, writable volume
+    of its own, since the root filesystem and /models are read-only."""
+    docs = _docs("gpu")
+    pod = _pod_spec(docs)
+    server = _server(pod)
+    cache_dir = _config(docs, server)["ENGINE_CACHE_DIR"]
+    (mount,) = [m for m in server["volumeMounts"] if m["mountPath"] == cache_dir]
+    assert not mount.get("readOnly", False)
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["name"] not in ("engine-cache", "tmp") and "emptyDir" in volume
+    assert server["securityContext"]["readOnlyRootFilesystem"] is True
+
+
 def test_jetson_overlay_selects_arm64_with_the_nvidia_runtime():
     docs = _docs("jetson")
     pod = _pod_spec(docs)
