@@ -16,17 +16,21 @@
    load is reported with the reason, never replaced.
 4. Throughput (images/s) and latency (ms per batch, p50 and p99) at each batch size.
 
-How to read the table: ``fp32`` on a GPU backend should agree on top-1 for every image (TensorRT may
-use TF32, so logits differ by ~1e-3, not 1e-6); ``fp16`` differs by ~1e-2 and may flip near-ties;
-``int8`` differs more (compare with the agreement the build recorded for the CPU in the manifest).
-Throughput should grow with the batch on a GPU; latency at batch 1 is what one request pays.
-With random weights (no published checkpoint reachable) logits are nearly flat, so near-ties, and
-top-1 flips under reduced precision, are common: judge int8/fp16 agreement on imagenet weights.
+How to read it: a table per model, then the verdict, one line per backend and precision: how many
+models loaded, how many agree (top-1 agreement at least ``MIN_TOP1``, and max |logit difference| at
+most ``LOGIT_RTOL`` times the largest reference logit; the worst model's figures and its tolerance are
+shown), and images/s and p50 latency per batch at each batch size (the median over the models).
+fp32 runs with TF32 off (unless ALLOW_TF32=true), so it should agree on every image, with logits close
+to the CPU's; fp16 may flip near-ties; int8 differs more (compare with the agreement the build
+recorded for the CPU in the manifest). Throughput should grow with the batch on a GPU; latency at
+batch 1 is what one request pays. With random weights (no published checkpoint reachable) logits are
+nearly flat, so top-1 flips under reduced precision are common: judge fp16/int8 on imagenet weights.
 
-Exit status: 0 when every requested GPU backend loaded and agreed on fp32 for at least
-``FP32_MIN_AGREEMENT`` of the images; 1 otherwise (the table says which and why). Results are also
-written as JSON (``--out``). ``--backends onnxruntime-cpu`` runs the whole procedure on a machine
-without a GPU (that is how its tests run); it proves the procedure, not a GPU.
+Exit status: 0 when every requested GPU backend loaded and every fp32 result agreed; 1 otherwise (the
+verdict says which and why; fp16 and int8 agreement is reported, not enforced). The verdict, the
+per-model results and the environment are also written as JSON (``--out``), to paste into an issue.
+``--backends onnxruntime-cpu`` runs the whole procedure on a machine without a GPU (that is how its
+tests run); it proves the procedure, not a GPU.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import sys
 import time
@@ -47,8 +52,13 @@ from contract.zoo import DEFAULT_MODELS, split_precision
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GPU_BACKENDS = ("tensorrt", "onnxruntime-tensorrt", "onnxruntime-cuda")
 DEFAULT_BATCH_SIZES = (1, 8, 32, 64)
-FP32_MIN_AGREEMENT = 0.99
 IMAGE_COUNT = 32
+# The bars a precision must clear to agree with ONNX Runtime CPU fp32: top-1 agreement, and max |logit
+# difference| relative to the largest reference logit. fp32 without TF32 differs only by the order of
+# its sums (far below 1e-3 of the largest logit); TF32 rounds inputs to a 10-bit mantissa and can come
+# near it. fp16 keeps ~3 significant digits, int8 ~2.
+MIN_TOP1 = {"fp32": 0.99, "fp16": 0.95, "int8": 0.90}
+LOGIT_RTOL = {"fp32": 1e-3, "fp16": 2e-2, "int8": 1e-1}
 
 log = logging.getLogger("gpu_selftest")
 
@@ -63,6 +73,8 @@ class Result:
     runs_on: str = ""
     top1_agreement: float | None = None
     max_abs_logit_diff: float | None = None
+    logit_tolerance: float | None = None  # the bar max_abs_logit_diff was held to
+    agrees: bool | None = None
     # batch size -> {"images_per_s", "p50_ms", "p99_ms"}
     speed: dict[int, dict[str, float]] = field(default_factory=dict)
 
@@ -156,6 +168,7 @@ def measure(runtime, sample: np.ndarray, batch_size: int, seconds: float) -> dic
 
 def check_model(args: argparse.Namespace, name: str) -> list[Result]:
     from builder.precision import compare, run_cpu
+    from builder.tensorrt import tf32_allowed
     from contract.manifest import Manifest
     from service.core.runtimes import BackendUnavailable, RuntimeLoadError, RuntimeOptions, load_runtime
 
@@ -164,7 +177,8 @@ def check_model(args: argparse.Namespace, name: str) -> list[Result]:
     manifest = Manifest.load(model_dir)
     tensors = preprocess_all(test_images(args.images), manifest)
     reference = run_cpu(model_dir / manifest.onnx.file, tensors)
-    options = RuntimeOptions(max_batch_size=max(args.batch_sizes))
+    # TF32 as the engines were built: both follow ALLOW_TF32 in the environment.
+    options = RuntimeOptions(max_batch_size=max(args.batch_sizes), allow_tf32=tf32_allowed())
     results = []
     for backend in args.backends:
         for precision in args.precisions:
@@ -183,8 +197,7 @@ def check_model(args: argparse.Namespace, name: str) -> list[Result]:
             try:
                 result.runs_on = " ".join(getattr(runtime, "providers", ()) or (runtime.name,))
                 measured = compare(reference, run_batched(runtime, tensors))
-                result.top1_agreement = measured.top1_agreement
-                result.max_abs_logit_diff = measured.max_abs_logit_diff
+                judge(result, measured.top1_agreement, measured.max_abs_logit_diff, reference)
                 for size in args.batch_sizes:
                     result.speed[size] = measure(runtime, tensors, size, args.seconds)
             except Exception as exc:  # report and go on with the next backend
@@ -218,6 +231,91 @@ def format_table(results: list[Result], batch_sizes: list[int]) -> str:
     return "\n".join(text)
 
 
+def judge(result: Result, top1: float, max_diff: float, reference: np.ndarray) -> None:
+    """Record the agreement with the reference and whether it clears the bars of its precision."""
+    result.top1_agreement, result.max_abs_logit_diff = top1, max_diff
+    result.logit_tolerance = LOGIT_RTOL[result.precision] * float(np.max(np.abs(reference)))
+    result.agrees = top1 >= MIN_TOP1[result.precision] and max_diff <= result.logit_tolerance
+
+
+def verdict_rows(results: list[Result], batch_sizes: list[int]) -> list[dict]:
+    """One summary per backend and precision, in the order they were run."""
+    rows = []
+    for backend, precision in dict.fromkeys((r.backend, r.precision) for r in results):
+        mine = [r for r in results if r.backend == backend and r.precision == precision]
+        ran = [r for r in mine if r.status == "ok"]
+        worst = min(ran, key=lambda r: (r.agrees, r.top1_agreement, -r.max_abs_logit_diff), default=None)
+        if not ran:
+            status = "unavailable" if all(r.status == "unavailable" for r in mine) else "failed"
+        elif len(ran) < len(mine):
+            status = "failed"
+        elif all(r.agrees for r in ran):
+            status = "agrees"
+        else:
+            status = "DISAGREES" if precision == "fp32" else "differs"
+        speed = {}
+        for size in batch_sizes:
+            measured = [r.speed[size] for r in ran if size in r.speed]
+            if measured:
+                speed[size] = {
+                    key: float(np.median([m[key] for m in measured])) for key in ("images_per_s", "p50_ms")
+                }
+        rows.append(
+            {
+                "backend": backend,
+                "precision": precision,
+                "status": status,
+                "models": len(mine),
+                "loaded": len(ran),
+                "agreed": sum(bool(r.agrees) for r in ran),
+                "min_top1_required": MIN_TOP1[precision],
+                "logit_rtol": LOGIT_RTOL[precision],
+                "worst_model": worst.model if worst else None,
+                "worst_top1_agreement": worst.top1_agreement if worst else None,
+                "worst_max_abs_logit_diff": worst.max_abs_logit_diff if worst else None,
+                "worst_logit_tolerance": worst.logit_tolerance if worst else None,
+                "median_speed": speed,
+                "reason": next((f"{r.model}: {r.reason}" for r in mine if r.status != "ok"), ""),
+            }
+        )
+    return rows
+
+
+def format_verdict(rows: list[dict], batch_sizes: list[int]) -> str:
+    """The verdict as one screen: a line per backend and precision, then why the others did not run."""
+    sizes = "/".join(f"b{s}" for s in batch_sizes)
+    header = ["backend", "prec", "loads", "agrees", "top-1", "max|diff| <= tol", f"img/s {sizes}"]
+    header += [f"p50 ms {sizes}", "verdict"]
+    lines = [header]
+    for row in rows:
+        line = [row["backend"], row["precision"], f"{row['loaded']}/{row['models']}"]
+        if row["loaded"]:
+            line += [
+                f"{row['agreed']}/{row['loaded']}",
+                f"{row['worst_top1_agreement']:.1%}",
+                f"{row['worst_max_abs_logit_diff']:.1e} <= {row['worst_logit_tolerance']:.1e}",
+            ]
+            speed = row["median_speed"]
+            line.append(
+                "/".join(f"{speed[s]['images_per_s']:.0f}" if s in speed else "-" for s in batch_sizes)
+            )
+            line.append("/".join(f"{speed[s]['p50_ms']:.2f}" if s in speed else "-" for s in batch_sizes))
+        else:
+            line += ["-", "-", "-", "-", "-"]
+        line.append(row["status"])
+        lines.append(line)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in lines]
+    text.insert(1, "  ".join("-" * w for w in widths))
+    bars = ", ".join(
+        f"{p} top-1 >= {MIN_TOP1[p]:.0%} and max|diff| <= {LOGIT_RTOL[p]:g} x max|logit|"
+        for p in dict.fromkeys(row["precision"] for row in rows)
+    )
+    text.append(f"agreement with ONNX Runtime CPU fp32 (worst model shown): {bars}")
+    text += [f"  {row['backend']} {row['precision']}: {row['reason']}" for row in rows if row["reason"]]
+    return "\n".join(text)
+
+
 def verdict(results: list[Result], backends: list[str]) -> list[str]:
     """What failed the self-test (empty: passed)."""
     problems = []
@@ -226,10 +324,11 @@ def verdict(results: list[Result], backends: list[str]) -> list[str]:
         if not any(r.status == "ok" for r in mine):
             problems.append(f"{backend} did not run any model")
         for r in mine:
-            if r.precision == "fp32" and r.status == "ok" and r.top1_agreement < FP32_MIN_AGREEMENT:
-                share = f"{r.top1_agreement:.1%}"
+            if r.precision == "fp32" and r.status == "ok" and not r.agrees:
                 problems.append(
-                    f"{r.name} on {backend} agrees with ONNX Runtime CPU on {share} of the images"
+                    f"{r.name} on {backend} disagrees with ONNX Runtime CPU: top-1 {r.top1_agreement:.1%} "
+                    f"(needs {MIN_TOP1['fp32']:.0%}), max |logit diff| {r.max_abs_logit_diff:.1e} "
+                    f"(tolerance {r.logit_tolerance:.1e})"
                 )
             if r.status == "failed":
                 problems.append(f"{r.name} on {backend} failed: {r.reason}")
@@ -238,6 +337,7 @@ def verdict(results: list[Result], backends: list[str]) -> list[str]:
 
 def environment() -> dict[str, str]:
     info = {"python": platform.python_version(), "machine": platform.machine()}
+    info["ALLOW_TF32"] = os.environ.get("ALLOW_TF32", "unset (false)")
     try:
         import onnxruntime
 
@@ -281,9 +381,17 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models:
         results.extend(check_model(args, name))
     print(format_table(results, args.batch_sizes))
+    rows = verdict_rows(results, args.batch_sizes)
+    print("\n" + format_verdict(rows, args.batch_sizes))
     problems = verdict(results, args.backends)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"environment": env, "results": [asdict(r) for r in results], "problems": problems}
+    report = {
+        "environment": env,
+        "verdict": rows,
+        "results": [asdict(r) for r in results],
+        "problems": problems,
+        "passed": not problems,
+    }
     args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(f"\nwritten to {args.out}")
     if problems:

@@ -787,3 +787,61 @@ def test_gpu_selftest_procedure_runs_on_the_cpu_backend_and_fails_loudly_without
     out = capsys.readouterr().out
     assert code == 1 and "SELF-TEST FAILED" in out and "tensorrt did not run any model" in out
     assert "tensorrt Python package is not installed" in out
+
+
+def test_gpu_selftest_verdict_is_one_line_per_backend_and_precision_with_the_bars_used(tmp_path, capsys):
+    from benchmarks import gpu_selftest
+
+    root = make_repository(tmp_path / "repo", ("mobilenet_v2", "shufflenet_v2"))
+    out = tmp_path / "selftest.json"
+    argv = ["--repository", str(root), "--models", "mobilenet_v2", "shufflenet_v2", "--no-build"]
+    argv += ["--precisions", "fp32", "--backends", "onnxruntime-cpu", "--batch-sizes", "1", "8", "32", "64"]
+    argv += ["--seconds", "0.02", "--images", "4", "--out", str(out)]
+    assert gpu_selftest.main(argv) == 0
+    screen = capsys.readouterr().out
+    verdict_header = next(line for line in screen.splitlines() if line.startswith("backend "))
+    assert "img/s b1/b8/b32/b64" in verdict_header and "p50 ms b1/b8/b32/b64" in verdict_header
+    (line,) = [row for row in screen.splitlines() if row.startswith("onnxruntime-cpu  fp32")]
+    assert "2/2" in line and "100.0%" in line and " <= " in line and line.endswith("agrees")
+    assert "fp32 top-1 >= 99% and max|diff| <= 0.001 x max|logit|" in screen
+    report = __import__("json").loads(out.read_text())
+    assert report["passed"] is True and report["problems"] == []
+    (row,) = report["verdict"]
+    assert (row["backend"], row["precision"], row["loaded"], row["agreed"]) == (
+        "onnxruntime-cpu",
+        "fp32",
+        2,
+        2,
+    )
+    assert set(row["median_speed"]) == {"1", "8", "32", "64"}
+    assert row["worst_logit_tolerance"] > 0 and row["logit_rtol"] == 1e-3
+    assert {r["model"] for r in report["results"]} == {"mobilenet_v2", "shufflenet_v2"}
+    assert all(r["agrees"] is True and r["logit_tolerance"] > 0 for r in report["results"])
+
+
+def test_gpu_selftest_fails_fp32_on_logits_beyond_the_tolerance_and_only_reports_fp16():
+    from benchmarks import gpu_selftest as st
+
+    reference = np.array([[10.0, 1.0], [0.0, 5.0]])
+    results = []
+    for backend, precision, top1, diff in [
+        ("onnxruntime-cuda", "fp32", 1.0, 0.05),  # every top-1 agrees, but TF32-sized logit drift
+        ("onnxruntime-cuda", "fp16", 0.9, 0.05),
+    ]:
+        result = st.Result(
+            "mobilenet_v2", backend, precision, "ok", speed={1: {"images_per_s": 9.0, "p50_ms": 1.0}}
+        )
+        st.judge(result, top1, diff, reference)
+        results.append(result)
+    results.append(st.Result("mobilenet_v2", "tensorrt", "fp32", "unavailable", reason="no TensorRT here"))
+    assert results[0].logit_tolerance == pytest.approx(0.01) and results[0].agrees is False
+    rows = st.verdict_rows(results, [1])
+    assert [row["status"] for row in rows] == ["DISAGREES", "differs", "unavailable"]
+    screen = st.format_verdict(rows, [1])
+    assert "5.0e-02 <= 1.0e-02" in screen and "tensorrt fp32: mobilenet_v2: no TensorRT here" in screen
+    problems = st.verdict(results, ["onnxruntime-cuda", "tensorrt"])
+    assert any(
+        "disagrees with ONNX Runtime CPU: top-1 100.0%" in p and "tolerance 1.0e-02" in p for p in problems
+    )
+    assert not any("fp16" in p for p in problems)
+    assert "tensorrt did not run any model" in problems
