@@ -14,6 +14,11 @@ Where the decode runs was fixed when the model was served (``service/core/reposi
   thread, just before it runs: with nothing to batch, a separate decode stage would only add a
   hand-off between threads (and a cold cache) to every request. Each of its inference threads then
   does what one in-process worker does: decode, infer, rank.
+
+Two entries share that path: :meth:`Pipeline.classify` (uploads -> top-k, for ``/classify``) and
+:meth:`Pipeline.infer` (encoded images, or images the client already preprocessed -> each image's
+logits row or its top-k, for the Open Inference Protocol's front doors). A preprocessed image skips the
+decode; everything else (the model's places, its batcher, the deadline, the metrics) is the same.
 """
 
 from __future__ import annotations
@@ -46,12 +51,18 @@ class Upload:
     content_type: str | None  # as declared (for a raw body, the request's Content-Type); may lie
 
 
+# ``top_k`` of a job whose answer is the image's logits row itself, not ranked classes.
+LOGITS = 0
+
+
 @dataclass(frozen=True, slots=True)
 class ImageJob:
-    """What the batcher queues for one image: the upload, and how many classes its answer ranks."""
+    """What the batcher queues for one image: the upload (or, with no upload, the model input the
+    client made itself), and its answer: the top ``top_k`` classes, or for :data:`LOGITS` the row."""
 
-    upload: Upload
+    upload: Upload | None
     top_k: int
+    tensor: np.ndarray | None = None  # (3, H, W) float32, when the client sent it preprocessed
 
 
 class ClassifierStages:
@@ -67,6 +78,9 @@ class ClassifierStages:
 
     def prepare(self, job: ImageJob) -> np.ndarray:
         upload = job.upload
+        if upload is None:
+            assert job.tensor is not None
+            return job.tensor
         try:
             imaging.sniff_media_type(upload.data, upload.content_type)
             return imaging.preprocess(upload.data, self._spec, self._max_image_pixels)
@@ -75,7 +89,10 @@ class ClassifierStages:
                 exc.message = f"{upload.filename}: {exc.message}"
             raise
 
-    def finish(self, job: ImageJob, row: np.ndarray) -> list[dict]:
+    def finish(self, job: ImageJob, row: np.ndarray) -> list[dict] | np.ndarray:
+        if job.top_k == LOGITS:
+            # A copy: the row is a view of the whole batch's output, which a runtime may reuse.
+            return np.array(row, dtype=np.float32)
         return rank(row, job.top_k, self._labels)
 
 
@@ -83,6 +100,17 @@ class ClassifierStages:
 class ImageResult:
     filename: str | None
     predictions: list[dict]
+    decode_s: float
+    queue_s: float
+    inference_s: float
+    batch_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class ImageOutput:
+    """One image's answer from :meth:`Pipeline.infer`: its logits row (float32) or its top-k predictions."""
+
+    output: np.ndarray | list[dict]
     decode_s: float
     queue_s: float
     inference_s: float
@@ -116,6 +144,44 @@ class Pipeline:
         return ImageResult(
             filename=upload.filename,
             predictions=result.output,
+            decode_s=result.prepare_s,
+            queue_s=result.queue_s,
+            inference_s=result.inference_s,
+            batch_size=result.batch_size,
+        )
+
+    async def infer(
+        self,
+        model: ServedModel,
+        images: Sequence[bytes] | np.ndarray,
+        *,
+        top_k: int,
+        deadline: float,
+        request_id: str | None = None,
+    ) -> list[ImageOutput]:
+        """Each image's logits row (``top_k`` :data:`LOGITS`) or top-k predictions, in order.
+
+        ``images`` are encoded images (decoded as ``/classify`` decodes an upload), or an (N, 3, H, W)
+        float32 array of images preprocessed as the model's manifest says (no decode). The caller has
+        taken a place in the model's line (``batcher.admit()``), as ``/classify`` does. The first
+        failing image fails the request.
+        """
+        if isinstance(images, np.ndarray):
+            jobs = [ImageJob(None, top_k, tensor) for tensor in images]
+        else:
+            # Named by position, so that an error says which image of a batch it was.
+            jobs = [ImageJob(Upload(f"image {i}", data, None), top_k) for i, data in enumerate(images)]
+        return await _all([self._infer_one(model, job, deadline, request_id) for job in jobs])
+
+    async def _infer_one(
+        self, model: ServedModel, job: ImageJob, deadline: float, request_id: str | None
+    ) -> ImageOutput:
+        assert model.batcher is not None
+        result = await model.batcher.submit(job, deadline=deadline, request_id=request_id)
+        if job.upload is not None:  # a preprocessed image had nothing decoded
+            self._metrics.observe_decode(model.name, result.prepare_s)
+        return ImageOutput(
+            output=result.output,
             decode_s=result.prepare_s,
             queue_s=result.queue_s,
             inference_s=result.inference_s,
