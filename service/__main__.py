@@ -76,7 +76,8 @@ def serve(settings: Settings) -> int:
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http=with_header_deadline(settings.header_timeout_s),  # httptools, with a deadline on headers
+        # httptools, with a deadline on the headers and a cap on their size
+        http=with_header_deadline(settings.header_timeout_s, settings.max_header_bytes),
         lifespan="on",
         workers=1,
         reload=False,  # never: a file watcher has no place in a served process

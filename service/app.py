@@ -24,6 +24,7 @@ from service.http import classify, routes
 from service.http.auth import BearerAuth
 from service.http.errors import install_error_handlers
 from service.http.middleware import DirectRoute, RequestContext
+from service.oip.http import OipRoutes
 
 log = logging.getLogger("service")
 
@@ -72,7 +73,9 @@ def create_app(
     app.include_router(classify.router)
     app.include_router(routes.router)
     install_error_handlers(app)
-    # Middleware added last runs first: RequestContext, then BearerAuth, then DirectRoute.
+    # Middleware added last runs first: RequestContext, then BearerAuth, then DirectRoute, then OipRoutes
+    # (the Open Inference Protocol's /v2 routes: /classify never passes through it).
+    app.add_middleware(OipRoutes, settings=settings, metrics=metrics, repository=repository)
     app.add_middleware(DirectRoute, method="POST", path=classify.PATH, endpoint=classify.classify)
     token = settings.expected_token()
     if token is not None:

@@ -146,6 +146,9 @@ class Settings(BaseSettings):
     # A request's headers must arrive within this many seconds of the connection opening (or of the
     # request's first byte on a kept-alive connection): idle and slow-loris connections get 408.
     header_timeout_s: float = Field(10.0, gt=0)
+    # The most bytes a request's line and headers may take together (431 and the connection closed
+    # past it), as common proxies bound them; the body has its own cap (max_body_bytes).
+    max_header_bytes: int = Field(16 * 1024, ge=1024)
     max_image_pixels: int = Field(40_000_000, ge=1)
 
     # --- ONNX Runtime and thread pools ---------------------------------------------------------

@@ -122,6 +122,11 @@ class ImageTooLarge(ServiceError):
     description = "the image has more pixels than MAX_IMAGE_PIXELS (read from its header, never decoded)"
 
 
+class HeadersTooLarge(ServiceError):
+    status_code, code = 431, "headers_too_large"
+    description = "the request line and headers are over MAX_HEADER_BYTES; the connection closes"
+
+
 class UnsupportedMediaType(ServiceError):
     status_code, code = 415, "unsupported_media_type"
     description = "a declared type or recognised format this service does not decode"

@@ -10,7 +10,16 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.core.metrics import BATCH_SIZE_BUCKETS, LATENCY_BUCKETS_S, UNKNOWN_MODEL, Metrics
+from service.core.metrics import (
+    BATCH_SIZE_BUCKETS,
+    CLASSIFY,
+    LATENCY_BUCKETS_S,
+    OIP_GRPC,
+    OIP_HTTP,
+    PROTOCOLS,
+    UNKNOWN_MODEL,
+    Metrics,
+)
 
 MODELS = ("mobilenet_v1", "mobilenet_v2", "shufflenet_v1", "shufflenet_v2")
 BACKEND = "onnxruntime-cpu"
@@ -18,6 +27,7 @@ BACKEND = "onnxruntime-cpu"
 # The metrics' contract: name -> (type, labels). Dashboards and alerts are written against it.
 CONTRACT = {
     "classifier_requests": ("counter", {"model", "code"}),
+    "classifier_protocol_requests": ("counter", {"protocol", "model", "code"}),
     "classifier_images": ("counter", {"model"}),
     "classifier_request_duration_seconds": ("histogram", {"model"}),
     "classifier_decode_duration_seconds": ("histogram", {"model"}),
@@ -93,6 +103,28 @@ def test_unknown_model_names_are_counted_as_unknown(metrics):
     assert "passwd" not in exposition
     assert metrics.label("mobilenet_v2") == "mobilenet_v2"
     assert metrics.label("MobileNet_V2") == UNKNOWN_MODEL
+
+
+def test_every_front_door_counts_in_the_classifier_series_and_by_protocol(metrics):
+    metrics.observe_request("mobilenet_v2", 200, 0.01)  # /classify: the default
+    metrics.observe_request("mobilenet_v2", 200, 0.01, OIP_HTTP)
+    metrics.observe_request("mobilenet_v2", 200, 0.01, OIP_GRPC)
+    metrics.observe_request("mobilenet_v2", 400, 0.01, OIP_HTTP)
+    metrics.observe_request("resnet50", 404, 0.01, OIP_GRPC)
+    assert value(metrics, "classifier_requests_total", model="mobilenet_v2", code="200") == 3
+    assert value(metrics, "classifier_request_duration_seconds_count", model="mobilenet_v2") == 4
+    for protocol, code, expected in ((CLASSIFY, "200", 1), (OIP_HTTP, "200", 1), (OIP_HTTP, "400", 1)):
+        labels = {"protocol": protocol, "model": "mobilenet_v2", "code": code}
+        assert value(metrics, "classifier_protocol_requests_total", **labels) == expected
+    assert (
+        value(
+            metrics, "classifier_protocol_requests_total", protocol=OIP_GRPC, model=UNKNOWN_MODEL, code="404"
+        )
+        == 1
+    )
+    assert PROTOCOLS == ("classify", "oip-http", "oip-grpc")
+    with pytest.raises(ValueError, match="unknown protocol"):
+        metrics.observe_request("mobilenet_v2", 200, 0.01, "soap")
 
 
 def test_requests_are_counted_by_model_and_code(metrics):

@@ -14,6 +14,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 
 UNKNOWN_MODEL = "_unknown"
 
+# The front doors that classify, as classifier_protocol_requests_total labels them.
+CLASSIFY, OIP_HTTP, OIP_GRPC = "classify", "oip-http", "oip-grpc"
+PROTOCOLS = (CLASSIFY, OIP_HTTP, OIP_GRPC)
+
 # One ``*_created`` series per labelled child would nearly double every scrape, and nothing reads
 # them: rate() detects counter resets from the values themselves.
 disable_created_metrics()
@@ -56,6 +60,13 @@ class Metrics:
             "classifier_requests",
             "Classification requests answered, by HTTP status code.",
             ["model", "code"],
+            registry=r,
+        )
+        self.protocol_requests = Counter(
+            "classifier_protocol_requests",
+            "Classification requests answered, by the protocol that carried them (classify, oip-http, "
+            "oip-grpc) and HTTP status code (a gRPC call's is the status its outcome has over HTTP).",
+            ["protocol", "model", "code"],
             registry=r,
         )
         self.images = Counter("classifier_images", "Images classified.", ["model"], registry=r)
@@ -139,7 +150,8 @@ class Metrics:
         # Children resolved once per label set: ``.labels()`` takes a lock and builds a tuple on every
         # call, which the request path need not pay.
         self._per_model: dict[str, _ModelChildren] = {}
-        self._requests_by_code: dict[tuple[str, int], Counter] = {}
+        # (model, code, protocol) -> its classifier_requests_total and classifier_protocol_requests_total.
+        self._requests_by_code: dict[tuple[str, int, str], tuple[Counter, Counter]] = {}
         self._inference_by_backend: dict[tuple[str, str], Histogram] = {}
         self._info_labels: dict[str, tuple[str, ...]] = {}
         for model in self.known_models:
@@ -189,14 +201,25 @@ class Metrics:
         self.queue_depth.labels(model).set_function(depth)
 
     # --- per request / image / batch ---------------------------------------------------------
-    def observe_request(self, model: str | None, status_code: int, seconds: float) -> None:
+    def observe_request(
+        self, model: str | None, status_code: int, seconds: float, protocol: str = CLASSIFY
+    ) -> None:
+        """One answered request of any front door (``protocol``, one of :data:`PROTOCOLS`): counted in
+        the classifier_* series under its model, and by protocol. ``status_code`` is HTTP's."""
         model = self.label(model)
-        key = (model, status_code)
-        counter = self._requests_by_code.get(key)
-        if counter is None:
+        key = (model, status_code, protocol)
+        counters = self._requests_by_code.get(key)
+        if counters is None:
+            if protocol not in PROTOCOLS:
+                raise ValueError(f"unknown protocol {protocol!r}; one of {', '.join(PROTOCOLS)}")
             # Codes come from the app's own responses, a handful per model: a bounded set.
-            counter = self._requests_by_code[key] = self.requests.labels(model, str(status_code))
-        counter.inc()
+            code = str(status_code)
+            counters = self._requests_by_code[key] = (
+                self.requests.labels(model, code),
+                self.protocol_requests.labels(protocol, model, code),
+            )
+        counters[0].inc()
+        counters[1].inc()
         self._children(model).request_duration.observe(seconds)
 
     def observe_decode(self, model: str, seconds: float) -> None:

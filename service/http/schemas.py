@@ -21,6 +21,7 @@ from typing_extensions import TypedDict
 from service.errors import (
     ERRORS,
     BadRequest,
+    HeadersTooLarge,
     HeaderTimeout,
     InternalError,
     Overloaded,
@@ -100,7 +101,7 @@ class Health(TypedDict):
 
 # Errors any request can meet, whatever its route: the HTTP parser's own (a malformed request, headers
 # too slow) and the last-resort 500.
-_ANY_REQUEST: tuple[type[ServiceError], ...] = (BadRequest, HeaderTimeout, InternalError)
+_ANY_REQUEST: tuple[type[ServiceError], ...] = (BadRequest, HeaderTimeout, HeadersTooLarge, InternalError)
 
 _HEADERS: dict[type[ServiceError], dict[str, Any]] = {
     Overloaded: {

@@ -61,6 +61,8 @@ class Kind(StrEnum):
     TIMEOUT = "timeout"  # the request's deadline passed before it ran
     TOO_LARGE = "too_large"  # the message is over MAX_BODY_BYTES
     UNAUTHENTICATED = "unauthenticated"  # AUTH_TOKEN is set and the request does not carry it
+    SLOW_BODY = "slow_body"  # the body did not arrive within BODY_READ_TIMEOUT_S (HTTP only)
+    NOT_ALLOWED = "not_allowed"  # a route asked with a method it does not answer (HTTP only)
     INTERNAL = "internal"  # a fault of the server (inference failed): never the client's input
 
 
@@ -79,6 +81,8 @@ STATUS: dict[Kind, Status] = {
     Kind.TIMEOUT: Status(504, "DEADLINE_EXCEEDED"),
     Kind.TOO_LARGE: Status(413, "RESOURCE_EXHAUSTED"),
     Kind.UNAUTHENTICATED: Status(401, "UNAUTHENTICATED"),
+    Kind.SLOW_BODY: Status(408, "DEADLINE_EXCEEDED"),
+    Kind.NOT_ALLOWED: Status(405, "UNIMPLEMENTED"),
     Kind.INTERNAL: Status(500, "INTERNAL"),
 }
 

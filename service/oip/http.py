@@ -1,0 +1,384 @@
+"""The Open Inference Protocol over HTTP: every route under ``/v2``, answered straight from the ASGI
+stack as ``/classify`` is (past FastAPI's router and its per-request machinery).
+
+| route | answer |
+|---|---|
+| ``GET /v2`` | server metadata: name, version, extensions |
+| ``GET /v2/health/live``, ``/v2/health/ready`` | 200, or 400 when not ready (empty, as the protocol says) |
+| ``GET /v2/models/{m}[/versions/{v}]`` | model metadata |
+| ``GET /v2/models/{m}[/versions/{v}]/ready`` | 200 when the model is ready, else 400 |
+| ``GET /v2/models/{m}[/versions/{v}]/config`` | Triton's model configuration |
+| ``POST /v2/models/{m}[/versions/{v}]/infer`` | inference: JSON, or JSON then binary tensor data |
+
+An inference takes a place in its model's line before its body is read (429 at the door, as for
+``/classify``), reads the body once under ``MAX_BODY_BYTES`` and ``BODY_READ_TIMEOUT_S``, and is
+answered by ``service/oip/infer.py``. Errors are the protocol's ``{"error": "<message>"}``, rendered by
+:func:`error_response` only, with the status of :data:`service.oip.infer.STATUS`. Inference requests
+are counted in the ``classifier_*`` series under their model, and as ``oip-http`` by protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import numpy as np
+from starlette.requests import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service.config import Settings
+from service.core.metrics import OIP_HTTP, Metrics
+from service.core.repository import ModelRepository, ModelStatus
+from service.errors import ClientDisconnected, ServiceError, shown
+from service.http.uploads import cancel_on_disconnect
+from service.oip import model as oip_model
+from service.oip.infer import (
+    InferenceRequest,
+    InferenceResponse,
+    InputTensor,
+    Kind,
+    OipError,
+    RequestedOutput,
+    check_version,
+    from_service_error,
+    infer,
+    served_model,
+)
+from service.oip.tensors import (
+    BinarySections,
+    TensorFormatError,
+    byte_size,
+    check_datatype,
+    check_shape,
+    serialize_bytes,
+    split_body,
+)
+
+PREFIX = "/v2"
+HEADER_LENGTH = b"inference-header-content-length"
+_JSON = b"application/json"
+_BINARY = b"application/octet-stream"
+
+
+class OipRoutes:
+    """Answers every path under ``/v2``; anything else goes on to ``app``."""
+
+    def __init__(
+        self, app: ASGIApp, *, settings: Settings, metrics: Metrics, repository: ModelRepository
+    ) -> None:
+        self.app = app
+        self.settings = settings
+        self.metrics = metrics
+        self.repository = repository
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope["path"] if scope["type"] == "http" else ""
+        if not path.startswith(PREFIX) or (len(path) > len(PREFIX) and path[len(PREFIX)] != "/"):
+            await self.app(scope, receive, send)
+            return
+        segments = path[len(PREFIX) + 1 :].split("/") if len(path) > len(PREFIX) else []
+        if len(segments) >= 3 and segments[0] == "models" and segments[-1] == "infer":
+            await self._infer(scope, receive, send, segments)
+            return
+        try:
+            status, body = self._read_only(scope["method"], path, segments)
+        except OipError as exc:
+            await _send(send, *error_response(exc))
+            return
+        await _send(send, status, [(b"content-type", _JSON)] if body else [], body)
+
+    # --- metadata and health ----------------------------------------------------------------------
+    def _read_only(self, method: str, path: str, segments: list[str]) -> tuple[int, bytes]:
+        """Every GET route: (status, body)."""
+        repository = self.repository
+        if not segments:
+            _only_get(method, path)
+            return 200, _json(oip_model.server_metadata())
+        if segments == ["health", "live"]:
+            _only_get(method, path)
+            return 200, b""
+        if segments == ["health", "ready"]:
+            _only_get(method, path)
+            return (200 if repository.ready else 400), b""
+        if segments[0] == "models" and len(segments) >= 2:
+            name, rest, version = _model_path(segments)
+            if rest in ([], ["ready"], ["config"]):
+                _only_get(method, path)
+                model = repository.models.get(name)
+                if model is None:
+                    raise _unknown_model(repository, name)
+                check_version(model.name, version)
+                if rest == ["ready"]:
+                    return (200 if model.status is ModelStatus.READY else 400), b""
+                if rest == ["config"]:
+                    served = served_model(repository, name, version)
+                    config = oip_model.model_config(served, request_timeout_s=self.settings.request_timeout_s)
+                    return 200, _json(config)
+                if model.manifest is None:
+                    detail = f": {model.reason}" if model.reason else ""
+                    raise OipError(Kind.UNAVAILABLE, f"model {model.name} is {model.status.value}{detail}")
+                return 200, _json(oip_model.model_metadata(model))
+        raise OipError(Kind.NOT_FOUND, f"no route {method} {shown(path)}")
+
+    # --- inference ------------------------------------------------------------------------------------
+    async def _infer(self, scope: Scope, receive: Receive, send: Send, segments: list[str]) -> None:
+        started = time.monotonic()
+        name, rest, version = _model_path(segments)
+        status = 500
+        try:
+            if rest != ["infer"]:
+                raise OipError(Kind.NOT_FOUND, f"no route {scope['method']} {shown(scope['path'])}")
+            if scope["method"] != "POST":
+                raise _method_not_allowed(scope["method"], scope["path"], "POST")
+            status, headers, body = await self._answer(scope, receive, name, version, started)
+        except OipError as exc:
+            status, headers, body = error_response(exc)
+        except ClientDisconnected:
+            status = ClientDisconnected.status_code  # nobody to answer: counted, never sent
+            return
+        finally:
+            self.metrics.observe_request(name, status, time.monotonic() - started, OIP_HTTP)
+        await _send(send, status, headers, body)
+
+    async def _answer(
+        self, scope: Scope, receive: Receive, name: str, version: str | None, started: float
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        settings = self.settings
+        served = served_model(self.repository, name, version)
+        assert served.batcher is not None
+        header_length = None
+        declared = None
+        for key, value in scope["headers"]:
+            if key == HEADER_LENGTH:
+                header_length = value.decode("latin-1")
+            elif key == b"content-length":
+                declared = value
+        body_read = False
+        try:
+            # A place in the model's line before anything is read: 429 at the door.
+            with served.batcher.admit():
+                body = await _read_body(
+                    receive, declared, settings.max_body_bytes, settings.body_read_timeout_s
+                )
+                body_read = True
+                request, binary_output = decode_request(body, header_length, served.name, version)
+                work = infer(
+                    served,
+                    request,
+                    scope["app"].state.pipeline,
+                    deadline=started + settings.request_timeout_s,
+                    request_id=scope["state"].get("request_id"),
+                )
+                response = await cancel_on_disconnect(Request(scope, receive), work)
+        except ServiceError as exc:
+            if isinstance(exc, ClientDisconnected):
+                raise
+            error = from_service_error(exc)
+            if not body_read:
+                error.headers["Connection"] = "close"
+            raise error from None
+        except OipError as exc:
+            if not body_read:
+                # The rest of the body stays unread: only a fresh connection can carry the next request.
+                exc.headers["Connection"] = "close"
+            raise
+        header, binary = encode_response(response, binary_output)
+        if not binary:
+            return 200, [(b"content-type", _JSON)], header
+        return (
+            200,
+            [(b"content-type", _BINARY), (HEADER_LENGTH, str(len(header)).encode())],
+            b"".join((header, *binary)),
+        )
+
+
+# --- the wire format ---------------------------------------------------------------------------------
+def decode_request(
+    body: bytes, header_length: str | None, model: str, version: str | None
+) -> tuple[InferenceRequest, bool]:
+    """An inference request body (JSON, or JSON then binary tensor data) -> the request, and whether
+    its outputs default to binary (``binary_data_output``)."""
+    try:
+        header, binary = split_body(body, header_length)
+        document = json.loads(body if header_length is None else bytes(header))
+    except TensorFormatError as exc:
+        raise OipError(Kind.INVALID, str(exc)) from None
+    except ValueError as exc:  # not UTF-8, or not JSON
+        raise OipError(Kind.INVALID, f"the request is not JSON: {str(exc)[:120]}") from None
+    if not isinstance(document, dict):
+        raise OipError(Kind.INVALID, "the request must be a JSON object")
+    try:
+        inputs = document.get("inputs")
+        if not isinstance(inputs, list) or not inputs:
+            raise TensorFormatError("'inputs' must be a non-empty list")
+        sections = BinarySections(binary)
+        decoded_inputs = [_input(entry, sections) for entry in inputs]
+        sections.check_consumed()
+        outputs = document.get("outputs", [])
+        if not isinstance(outputs, list):
+            raise TensorFormatError("'outputs' must be a list")
+        decoded_outputs = [_output(entry) for entry in outputs]
+        names = [output.name for output in decoded_outputs]
+        if len(set(names)) != len(names):
+            raise TensorFormatError("an output is requested more than once")
+        parameters = _parameters(document, "the request")
+        binary_output = parameters.get("binary_data_output", False)
+        if not isinstance(binary_output, bool):
+            raise TensorFormatError("binary_data_output must be true or false")
+        request_id = document.get("id")
+        if request_id is not None and not isinstance(request_id, str):
+            raise TensorFormatError("'id' must be a string")
+    except TensorFormatError as exc:
+        raise OipError(Kind.INVALID, str(exc)) from None
+    return InferenceRequest(model, version, decoded_inputs, decoded_outputs, request_id), binary_output
+
+
+def _input(entry: object, sections: BinarySections) -> InputTensor:
+    if not isinstance(entry, dict):
+        raise TensorFormatError("each input must be a JSON object")
+    name = entry.get("name")
+    if not isinstance(name, str):
+        raise TensorFormatError(f"an input's name must be a string, got {shown(name)}")
+    datatype = check_datatype(entry.get("datatype"))
+    shape = check_shape(entry.get("shape"))
+    size = _parameters(entry, f"input {shown(name)}").get("binary_data_size")
+    if size is None:
+        if "data" not in entry:
+            raise TensorFormatError(f"input {shown(name)} has neither 'data' nor a binary_data_size")
+        return InputTensor(name, datatype, shape, values=entry["data"])
+    if "data" in entry:
+        raise TensorFormatError(f"input {shown(name)} has both 'data' and a binary_data_size")
+    raw = sections.take(name, size)
+    expected = byte_size(datatype, shape)
+    if expected is not None and expected != len(raw):
+        raise TensorFormatError(
+            f"input {shown(name)}: {datatype} of shape {list(shape)} takes {expected} bytes, "
+            f"binary_data_size says {len(raw)}"
+        )
+    return InputTensor(name, datatype, shape, raw=raw)
+
+
+def _output(entry: object) -> RequestedOutput:
+    if not isinstance(entry, dict):
+        raise TensorFormatError("each requested output must be a JSON object")
+    name = entry.get("name")
+    if not isinstance(name, str):
+        raise TensorFormatError(f"an output's name must be a string, got {shown(name)}")
+    parameters = _parameters(entry, f"output {shown(name)}")
+    classification = parameters.get("classification", 0)
+    binary = parameters.get("binary_data")
+    if binary is not None and not isinstance(binary, bool):
+        raise TensorFormatError(f"output {shown(name)}: binary_data must be true or false")
+    return RequestedOutput(name, classification, binary)
+
+
+def _parameters(entry: dict, where: str) -> dict[str, Any]:
+    parameters = entry.get("parameters", {})
+    if not isinstance(parameters, dict):
+        raise TensorFormatError(f"{where}: 'parameters' must be a JSON object")
+    return parameters
+
+
+def encode_response(response: InferenceResponse, binary_default: bool) -> tuple[bytes, list[bytes]]:
+    """The response's JSON, and the binary data that follows it (empty when every output is in JSON)."""
+    outputs = []
+    binary: list[bytes] = []
+    for tensor in response.outputs:
+        entry: dict[str, Any] = {
+            "name": tensor.name,
+            "datatype": tensor.datatype,
+            "shape": list(tensor.shape),
+        }
+        data = tensor.data
+        if tensor.binary if tensor.binary is not None else binary_default:
+            raw = data.tobytes() if isinstance(data, np.ndarray) else serialize_bytes(data)
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            binary.append(raw)
+        elif isinstance(data, np.ndarray):
+            entry["data"] = data.ravel().tolist()
+        else:
+            entry["data"] = [element.decode("utf-8", "replace") for element in data]
+        outputs.append(entry)
+    document: dict[str, Any] = {"model_name": response.model_name, "model_version": response.model_version}
+    if response.id is not None:
+        document["id"] = response.id
+    document["outputs"] = outputs
+    return _json(document), binary
+
+
+def error_response(error: OipError) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """The one renderer of the protocol's errors: (status, headers, ``{"error": "<message>"}``)."""
+    headers = [(b"content-type", _JSON)]
+    headers += [
+        (name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in error.headers.items()
+    ]
+    return error.http_status, headers, _json({"error": error.message})
+
+
+# --- helpers -----------------------------------------------------------------------------------------
+def _model_path(segments: list[str]) -> tuple[str, list[str], str | None]:
+    """``models/{m}[/versions/{v}]/rest...`` -> (m, rest, v)."""
+    name, rest = segments[1], segments[2:]
+    if len(rest) >= 2 and rest[0] == "versions":
+        return name, rest[2:], rest[1]
+    return name, rest, None
+
+
+def _only_get(method: str, path: str) -> None:
+    if method != "GET":
+        raise _method_not_allowed(method, path, "GET")
+
+
+def _method_not_allowed(method: str, path: str, allowed: str) -> OipError:
+    return OipError(
+        Kind.NOT_ALLOWED, f"{shown(path)} answers {allowed}, not {shown(method)}", {"Allow": allowed}
+    )
+
+
+def _unknown_model(repository: ModelRepository, name: str) -> OipError:
+    return OipError(
+        Kind.NOT_FOUND, f"unknown model {shown(name)}; available models: {', '.join(repository.models)}"
+    )
+
+
+async def _read_body(receive: Receive, declared: bytes | None, limit: int, timeout_s: float) -> bytes:
+    """The whole body, at most ``limit`` bytes whatever Content-Length says, within ``timeout_s``."""
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise OipError(
+            Kind.TOO_LARGE, f"the body is {int(declared)} bytes; the limit is {limit} (MAX_BODY_BYTES)"
+        )
+    chunks: list[bytes] = []
+    received = 0
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise ClientDisconnected("the client disconnected before sending the whole body")
+                chunk = message.get("body", b"")
+                received += len(chunk)
+                if received > limit:
+                    raise OipError(
+                        Kind.TOO_LARGE, f"the body is over the limit of {limit} bytes (MAX_BODY_BYTES)"
+                    )
+                if chunk:
+                    chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
+    except TimeoutError:
+        raise OipError(
+            Kind.SLOW_BODY, f"the body did not arrive within {timeout_s:g} s (BODY_READ_TIMEOUT_S)"
+        ) from None
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _json(document: object) -> bytes:
+    return json.dumps(document, separators=(",", ":")).encode()
+
+
+async def _send(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    headers.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
