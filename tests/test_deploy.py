@@ -317,9 +317,34 @@ def test_probes_hit_app_routes_on_the_service_port(overlay):
     # The Service forwards to the port the server listens on (the image's CMD: --port 8000).
     service = _one(docs, "Service")
     assert service["spec"]["selector"].items() <= pod_labels(docs).items()
-    (port,) = service["spec"]["ports"]
-    assert port["name"] == "http"
-    assert _port_number(server, port["targetPort"]) == 8000
+    ports = {port["name"]: port for port in service["spec"]["ports"]}
+    assert set(ports) == {"http", "grpc"}
+    assert _port_number(server, ports["http"]["targetPort"]) == 8000
+
+
+def _grpc_port(docs: list[dict[str, Any]], container: dict[str, Any]) -> int:
+    """The port the server serves gRPC on: GRPC_PORT as the pod sets it, else the server's default."""
+    from service.config import Settings
+
+    return int(_config(docs, container).get("GRPC_PORT", Settings.model_fields["grpc_port"].default))
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_grpc_port_is_exposed_for_h2c(overlay):
+    """The Open Inference Protocol over gRPC: the container declares the port the server opens, and the
+    Service forwards it as HTTP/2 without TLS (appProtocol kubernetes.io/h2c), so that gateways and
+    meshes proxy it as gRPC."""
+    docs = _docs(overlay)
+    server = _server(_pod_spec(docs))
+    assert _port_number(server, "grpc") == _grpc_port(docs, server) == 8001
+    ports = {port["name"]: port for port in _one(docs, "Service")["spec"]["ports"]}
+    grpc = ports["grpc"]
+    assert grpc["port"] == 8001 and grpc.get("protocol", "TCP") == "TCP"
+    assert grpc["appProtocol"] == "kubernetes.io/h2c"
+    assert _port_number(server, grpc["targetPort"]) == 8001
+    # The probes stay on HTTP: the gRPC port is no health endpoint.
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert _port_number(server, server[probe]["httpGet"]["port"]) == 8000
 
 
 def pod_labels(docs: list[dict[str, Any]]) -> dict[str, str]:
@@ -365,14 +390,14 @@ def test_autoscaling_disruption_budget_and_spread_select_the_pods(overlay):
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_network_policy_admits_http_and_allows_only_dns_out(overlay):
+def test_network_policy_admits_http_and_grpc_and_allows_only_dns_out(overlay):
     docs = _docs(overlay)
     policy = _one(docs, "NetworkPolicy")["spec"]
     assert policy["podSelector"]["matchLabels"].items() <= pod_labels(docs).items()
     assert sorted(policy["policyTypes"]) == ["Egress", "Ingress"]
     server = _server(_pod_spec(docs))
     for rule in policy["ingress"]:
-        assert [_port_number(server, p["port"]) for p in rule["ports"]] == [8000]
+        assert [_port_number(server, p["port"]) for p in rule["ports"]] == [8000, _grpc_port(docs, server)]
         assert rule["from"], "an empty 'from' would admit every source"
     sources = [peer for rule in policy["ingress"] for peer in rule["from"]]
     assert {"podSelector": {}} in sources  # same namespace
@@ -573,6 +598,29 @@ def test_compose_load_profile_sweeps_all_models():
     assert load["command"] == shlex.split(
         "--url http://classifier:8000 --models all --duration 60 --concurrency 1,4,16"
     )
+
+
+def _published(service: dict[str, Any]) -> dict[int, int]:
+    """container port -> host port, from a service's ``ports`` ([IP:]HOST:CONTAINER each)."""
+    published = {}
+    for entry in service["ports"]:
+        host, container = entry.rsplit(":", 1)
+        published[int(container)] = int(host.rsplit(":", 1)[-1])
+    return published
+
+
+def test_compose_publishes_http_and_grpc_on_distinct_host_ports():
+    services = _compose()["services"]
+    hosts = []
+    for name in ("classifier", "classifier-gpu"):
+        service = services[name]
+        grpc_port = int(service["environment"]["GRPC_PORT"])
+        published = _published(service)
+        assert set(published) == {8000, grpc_port}, name
+        assert grpc_port == 8001, name
+        hosts += published.values()
+    assert sorted(hosts) == sorted(set(hosts)), "two services on one host port"
+    assert _published(services["classifier"]) == {8000: 8000, 8001: 8001}
 
 
 def test_compose_gpu_profile_reserves_an_nvidia_gpu():
