@@ -5,8 +5,12 @@ METRICS_PORT moves ``/metrics`` to a second listener (prometheus_client's, in a 
 scraping. This is the one place the process itself is set up (logging, memory, SCRATCH_DIR for
 temporary files, the event loop's scheduling): ``service/process.py``.
 
-SIGTERM (or Ctrl-C) starts a graceful shutdown: the listening socket closes, requests in flight
-get their answers (bounded by SHUTDOWN_GRACE_S), the batchers drain, and the process exits 0.
+The Open Inference Protocol over gRPC is served on GRPC_PORT by the same process, in the same event
+loop (``service/oip/grpc.py``).
+
+SIGTERM (or Ctrl-C) starts a graceful shutdown: the listening sockets close (HTTP and gRPC at the same
+moment: a new gRPC call gets UNAVAILABLE), requests and calls in flight get their answers (bounded by
+SHUTDOWN_GRACE_S), the batchers drain, and the process exits 0.
 """
 
 from __future__ import annotations
@@ -14,9 +18,11 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import socket
 import sys
 
 import uvicorn
+from fastapi import FastAPI
 from prometheus_client import start_http_server
 
 from service.app import create_app
@@ -60,7 +66,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def serve(settings: Settings) -> int:
     """Run the server until SIGTERM or Ctrl-C; the exit status."""
-    app = create_app(settings, on_models_loaded=None if settings.event_loop_preempts else stop_preempting)
+    app = create_app(
+        settings,
+        on_models_loaded=None if settings.event_loop_preempts else stop_preempting,
+        serve_grpc=True,
+    )
     metrics_server = None
     if settings.metrics_port is not None:
         try:
@@ -85,7 +95,7 @@ def serve(settings: Settings) -> int:
         access_log=False,  # the app logs each request itself, with its request id
         timeout_graceful_shutdown=settings.shutdown_grace_s,
     )
-    server = uvicorn.Server(config)
+    server = _server_closing_grpc_with_http(config, app)
     # uvicorn re-raises the signal it caught once it has shut down, which under the default SIGTERM
     # disposition would kill the process with -15 after a clean shutdown. A no-op handler here (the
     # one uvicorn restores) turns that into an ordinary exit.
@@ -100,6 +110,22 @@ def serve(settings: Settings) -> int:
     if not server.started:
         return 3  # startup failed (port in use, lifespan error); uvicorn has logged why
     return 0
+
+
+def _server_closing_grpc_with_http(config: uvicorn.Config, app: FastAPI) -> uvicorn.Server:
+    """uvicorn's server, which also stops the app's gRPC server from taking new calls the moment it
+    closes the HTTP port: otherwise gRPC would take them until the app's lifespan ends, after the HTTP
+    requests have drained. The lifespan's end then waits for the gRPC calls in flight. (The class is
+    made here, from whatever ``uvicorn.Server`` is when the server is made, so that it can be replaced.)"""
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            grpc_server = getattr(app.state, "grpc_server", None)
+            if grpc_server is not None:
+                grpc_server.refuse_new_calls(config.timeout_graceful_shutdown)
+            await super().shutdown(sockets)
+
+    return Server(config)
 
 
 if __name__ == "__main__":

@@ -34,9 +34,12 @@ def create_app(
     *,
     runtime_loader: RuntimeLoader = load_runtime,
     on_models_loaded: Callable[[], None] | None = None,
+    serve_grpc: bool = False,
 ) -> FastAPI:
     """A ready-to-serve app; nothing is loaded until its lifespan starts. ``on_models_loaded`` is
-    called on the event loop's thread once every model has loaded (or failed to)."""
+    called on the event loop's thread once every model has loaded (or failed to). ``serve_grpc``: the
+    lifespan also serves the Open Inference Protocol over gRPC on GRPC_PORT, in the same event loop
+    (``app.state.grpc_server``)."""
     names = configured_models(settings)
     metrics = Metrics(names)
     repository = ModelRepository(names, settings, metrics, loader=runtime_loader)
@@ -44,10 +47,22 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.pipeline = Pipeline(metrics)
+        grpc_server = None
+        if serve_grpc:
+            # Imported here: an app without gRPC (tests, tools) never loads the gRPC stack.
+            from service.oip.grpc import OipGrpcServer
+
+            grpc_server = OipGrpcServer(settings, repository, app.state.pipeline, metrics)
+            await grpc_server.start()  # a port that cannot be bound fails the startup
+        app.state.grpc_server = grpc_server
         loading = asyncio.create_task(_load_models(repository, on_models_loaded), name="load-models")
         try:
             yield
         finally:
+            if grpc_server is not None:
+                # Its calls in flight are answered before the batchers stop. (python -m service has
+                # already refused new calls since the moment the HTTP port closed.)
+                await grpc_server.stop(settings.shutdown_grace_s)
             if not loading.done():
                 # The model being loaded finishes in its thread; the ones after it are never started.
                 loading.cancel()

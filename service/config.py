@@ -187,6 +187,9 @@ class Settings(BaseSettings):
     auth_token_file: Path | None = None
     # Serve /metrics on this port only (on HOST), not on PORT; None: on PORT, like every other route.
     metrics_port: int | None = Field(None, ge=1, le=65535)
+    # The Open Inference Protocol over gRPC, served beside HTTP by ``python -m service`` (on HOST);
+    # 0: a free port chosen by the system (logged).
+    grpc_port: int = Field(8001, ge=0, le=65535)
 
     @field_validator("models", mode="before")
     @classmethod
@@ -220,6 +223,8 @@ class Settings(BaseSettings):
             raise ValueError("AUTH_TOKEN and AUTH_TOKEN_FILE are both set: set one")
         if self.metrics_port is not None and self.metrics_port == self.port:
             raise ValueError(f"METRICS_PORT is PORT ({self.port}): unset it, or pick another port")
+        if self.grpc_port != 0 and self.grpc_port in (self.port, self.metrics_port):
+            raise ValueError(f"GRPC_PORT is PORT or METRICS_PORT ({self.grpc_port}): pick another port")
         return self
 
     @field_validator("log_level", mode="before")

@@ -129,14 +129,17 @@ class ServiceProcess:
     """``python -m service`` on a free port with the given environment; output kept for asserts."""
 
     def __init__(self, env: dict[str, str], log_path: Path, *, wrapper: list[str] | None = None) -> None:
-        sock = free_socket()
+        sock, grpc_sock = free_socket(), free_socket()
         self.port = sock.getsockname()[1]
+        self.grpc_port = grpc_sock.getsockname()[1]  # gRPC too: never the default, which may be taken
         sock.close()  # the child binds it again: a small race, harmless on a test box
+        grpc_sock.close()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.grpc_url = f"127.0.0.1:{self.grpc_port}"
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         child_env = {k: v for k, v in os.environ.items() if k not in _SERVICE_VARIABLES}
-        child_env |= {"PYTHONUNBUFFERED": "1", **env}
+        child_env |= {"PYTHONUNBUFFERED": "1", "GRPC_PORT": str(self.grpc_port), **env}
         self.process = subprocess.Popen(
             # ``wrapper`` (e.g. a mount namespace) must exec the command, so that the pid is the server's.
             [
@@ -216,5 +219,6 @@ _SERVICE_VARIABLES = frozenset(
         "AUTH_TOKEN",
         "AUTH_TOKEN_FILE",
         "METRICS_PORT",
+        "GRPC_PORT",
     }
 )
