@@ -34,8 +34,9 @@ models: $(VENV)/.installed
 run: models
 	MODEL_REPOSITORY=$(REPO) $(PY) -m service --host $(HOST) --port $(PORT)
 
-# In-process runtime cost, the served path under the load generator, the ratio between them, the
-# ShuffleNet v2 experiments; report, chart and JSON in benchmarks/results/<timestamp>/ (~11 min on 2 cores).
+# In-process runtime cost, the served path under the load generator (/classify, and the Open Inference
+# Protocol over HTTP and gRPC beside it), the ratio between them, the ShuffleNet v2 experiments; report,
+# chart and JSON in benchmarks/results/<timestamp>/ (~18 min on 2 cores).
 .PHONY: bench
 bench: models
 	$(PY) build_engines.py --models $(MODELS) --weights $(WEIGHTS) --out $(REPO) --precision fp16 int8

@@ -1,14 +1,16 @@
 """``make bench``: what each model costs in-process, what it costs served, and the ratio between them.
 
     python -m benchmarks.bench [--repository model_repository] [--models NAME ...] [--repeats 3]
-                               [--url http://HOST:PORT] [--quick] [--out DIR]
+                               [--url http://HOST:PORT [--grpc-url HOST:PORT]] [--quick] [--out DIR]
 
 In one run, on this machine, for each model of the repository:
 
 (a) the runtime alone, in-process, through the server's own backend: batch 1 and the batch sizes the
     batcher can form, at each intra-op thread setting (``benchmarks/inprocess.py``);
 (b) the served path: ``python -m service`` started here (or ``--url``, a server already running)
-    under the load generator's concurrency sweep (``benchmarks/load.py``);
+    under the load generator's concurrency sweep (``benchmarks/load.py``), through ``/classify`` and,
+    at the lowest and the highest concurrency, through the Open Inference Protocol over HTTP (binary
+    tensor data) and over gRPC, each beside ``/classify`` in the same repeat;
 (c) the served path against the same work in-process (decode + preprocess + inference + top-5 of the
     same 500x375 JPEGs through the service's own code): requests/s at the highest concurrency over
     the best in-process throughput with every core busy (worker threads, one session shared or one
@@ -36,7 +38,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -47,6 +49,7 @@ from benchmarks.classify_requests import Image, generated_images
 from benchmarks.experiments import decomposition, guideline1
 from benchmarks.http_client import HttpError, http_get
 from benchmarks.load_output import progress_bar, write_results
+from benchmarks.load_protocols import PROTOCOLS
 from benchmarks.load_results import LevelResult, levels_from
 from contract.manifest import Manifest
 from service.core.cpus import cpu_count
@@ -72,6 +75,8 @@ class Plan:
     load_duration_s: float = 8.0
     load_warmup_s: float = 1.0
     concurrency: tuple[int, ...] = (1, 4, 16)
+    # Measured beside /classify at the lowest and the highest concurrency: req/s and p50 in each.
+    protocols: tuple[str, ...] = PROTOCOLS[1:]
     images: int = 8
     guideline_duration_s: float = 0.7
     guideline_widths: tuple[int, ...] = guideline1.WIDTHS
@@ -138,16 +143,15 @@ class Server:
     """``python -m service`` on a free local port, for the length of a ``with`` block."""
 
     def __init__(self, repository: Path, models: list[str], log_path: Path) -> None:
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        sock.close()
+        self.port, self.grpc_port = _free_port(), _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.command = f"python -m service --host 127.0.0.1 --port {self.port}"
+        self.grpc_url = f"127.0.0.1:{self.grpc_port}"
+        self.command = f"GRPC_PORT={self.grpc_port} python -m service --host 127.0.0.1 --port {self.port}"
         # The caller's environment passes through (MAX_BATCH_SIZE=4 make bench measures that setting).
         self.env = os.environ | {
             "MODEL_REPOSITORY": str(Path(repository).resolve()),
             "MODELS": ",".join(models),
+            "GRPC_PORT": str(self.grpc_port),
             "LOG_LEVEL": os.environ.get("LOG_LEVEL", "WARNING"),
             "PYTHONUNBUFFERED": "1",
         }
@@ -188,6 +192,12 @@ class Server:
         self._log.close()
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _batching(url: str) -> dict[str, str]:
     status, body = load.run(http_get(url, "/models"))
     if status != 200:
@@ -210,20 +220,28 @@ def compare(
     plan: Plan,
     images: list[Image],
     server_pid: int | None = None,
+    grpc_url: str | None = None,
 ) -> tuple[list[dict], list[dict], list[dict]]:
     """(c): the same work served and in-process, side by side in time.
 
     Each repeat measures, model by model: the in-process latency one request at a time, every served
-    concurrency level, then the in-process throughput of every arrangement. A noisy spell on a shared
-    machine then hits both sides of a ratio alike, and the ratio can be taken repeat by repeat.
-    Returns (in-process latency rows, in-process throughput rows, served level rows), each with its
-    ``repeat``. With ``server_pid`` (a server started here), each served level also says how much CPU
-    the server's threads spent per request.
+    concurrency level (through /classify, and at the lowest and highest concurrency through each of
+    ``plan.protocols`` right after it), then the in-process throughput of every arrangement. A noisy
+    spell on a shared machine then hits both sides of a ratio alike, and the ratio can be taken repeat
+    by repeat. Returns (in-process latency rows, in-process throughput rows, served level rows), each
+    with its ``repeat``; a served row's ``protocol`` says how it was sent. With ``server_pid`` (a
+    server started here), each served level also says how much CPU the server's threads spent per
+    request.
     """
     config = load.LoadConfig(
-        url=url, duration_s=plan.load_duration_s, warmup_s=plan.load_warmup_s, server_pid=server_pid
+        url=url,
+        duration_s=plan.load_duration_s,
+        warmup_s=plan.load_warmup_s,
+        server_pid=server_pid,
+        grpc_url=grpc_url,
     )
     levels = levels_from(plan.concurrency)
+    compared = {levels[0], levels[-1]} if levels else set()
     progress = progress_bar()
     data = [image.data for image in images]
     latency_rows, throughput_rows, served_rows = [], [], []
@@ -236,10 +254,13 @@ def compare(
             )
             latency_rows.append({**latency.to_dict(), "repeat": repeat})
             for level in levels:
-                if progress is None:
-                    _say(f"served {level}: {where}")
-                result = load.run(load.run_level(config, model, level, images, progress))
-                served_rows.append({**result.to_dict(), "repeat": repeat})
+                for protocol in ("classify", *plan.protocols) if level in compared else ("classify",):
+                    if progress is None:
+                        _say(f"served {level}, {protocol}: {where}")
+                    result = load.run(
+                        load.run_level(replace(config, protocol=protocol), model, level, images, progress)
+                    )
+                    served_rows.append({**result.to_dict(), "repeat": repeat})
             _say(f"in-process throughput: {where}")
             for workers in plan.workers:
                 for arrangement in inprocess.ARRANGEMENTS:
@@ -259,7 +280,14 @@ def compare(
 # The run
 
 
-def run(repository: Path, models: list[str], plan: Plan, out_dir: Path, url: str | None = None) -> dict:
+def run(
+    repository: Path,
+    models: list[str],
+    plan: Plan,
+    out_dir: Path,
+    url: str | None = None,
+    grpc_url: str | None = None,
+) -> dict:
     started = datetime.now().astimezone()
     clock = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -330,17 +358,24 @@ def run(repository: Path, models: list[str], plan: Plan, out_dir: Path, url: str
         server_pid = None
         if url is None:
             server = stack.enter_context(Server(repository, models, out_dir / "server.log"))
-            url, command = server.url, server.command
+            url, grpc_url, command = server.url, server.grpc_url, server.command
             server_pid = server.process.pid if server.process else None
         else:
             command = f"already running at {url}"
-        latency, throughput, levels = compare(url, repository, models, plan, jpegs, server_pid)
+        latency, throughput, levels = compare(url, repository, models, plan, jpegs, server_pid, grpc_url)
         results["pipeline_latency"], results["pipeline_throughput"] = latency, throughput
-        results["served"] = {"command": command, "url": url, "batching": _batching(url), "levels": levels}
+        results["served"] = {
+            "command": command,
+            "url": url,
+            "grpc_url": grpc_url,
+            "batching": _batching(url),
+            "levels": levels,
+        }
 
     results["machine"]["loadavg_after"] = _loadavg()
     results["duration_s"] = time.perf_counter() - clock
     results["summary"] = report.model_summary(results)
+    results["protocols"] = report.protocol_summary(results)
     _write(out_dir, results)
     return results
 
@@ -366,6 +401,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
     parser.add_argument("--repeats", type=int, default=None, help="repeats of every measurement (default 3)")
     parser.add_argument("--url", default=None, help="measure this running server instead of starting one")
+    parser.add_argument(
+        "--grpc-url",
+        default=None,
+        help="with --url: its gRPC HOST:PORT (default: the --url's host, port 8001)",
+    )
     parser.add_argument("--quick", action="store_true", help="seconds-long smoke run (numbers meaningless)")
     parser.add_argument(
         "--no-experiments", action="store_true", help="skip guideline 1 and the decomposition"
@@ -382,8 +422,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"not built in {args.repository}: {', '.join(missing)} (make models)", file=sys.stderr)
         return 2
     out = args.out or load.RESULTS_DIR / f"{datetime.now():%Y%m%d-%H%M%S}"
-    results = run(args.repository, args.models, plan, out, url=args.url)
+    results = run(args.repository, args.models, plan, out, url=args.url, grpc_url=args.grpc_url)
     print(report.summary_table(results))
+    if results["protocols"]:
+        print("\n" + report.protocol_table(results))
     print(f"\nwrote {out / report.REPORT_FILE} (took {results['duration_s']:.0f} s)")
     return 0
 

@@ -2,6 +2,7 @@
 
     python -m benchmarks.load --url http://127.0.0.1:8000 --models all --concurrency 1,4,16 --duration 10
     python -m benchmarks.load --models mobilenet_v2 --rate 25,50 --duration 10 --images DIR
+    python -m benchmarks.load --protocol classify,oip-http,oip-grpc --models mobilenet_v2 --concurrency 1,16
 
 For each model and load level it reports what perf_analyzer reports: requests/s, images/s,
 p50/p90/p95/p99 latency, errors by status code, and the server's own split of the time (decode,
@@ -14,19 +15,26 @@ previous answer arrives. Open loop (``--rate R``): requests start on a fixed sch
 Poisson intervals) whether or not earlier ones have been answered, and latency is counted from the
 scheduled start, so a server that falls behind cannot hide its queue (no coordinated omission).
 
+Protocols (``--protocol``): ``classify`` (``POST /classify``), ``oip-http`` and ``oip-grpc`` (the Open
+Inference Protocol over HTTP, binary tensor data, and over gRPC; BYTES JPEG input, the classification
+extension's top-k output); ``benchmarks/load_protocols.py`` says how each is spoken.
+
 Each level runs a warm-up first (not counted) and is bounded by ``--duration`` seconds and by
 ``--requests`` requests, whichever comes first. Images: the project's deterministic 500x375 test
 photos (``contract/photos.py``), or every image in ``--images DIR``.
 
-The generator is one thread running one event loop over plain HTTP/1.1 keep-alive connections, with
-every request's bytes built in advance, so it costs the machine little; it measures the CPU time of
-that thread and reports it per level. Results: a table on the terminal (a progress line while it
-runs) and ``load.json`` + ``load.csv`` under ``--out`` (default ``benchmarks/results/load-<time>/``).
+The generator is one thread running one event loop over plain HTTP/1.1 keep-alive connections (or
+one gRPC channel), with every request's bytes built in advance, so it costs the machine little; it
+measures its own CPU time and reports it per level. Results: a table on the terminal (a progress
+line while it runs) and ``load.json`` + ``load.csv`` under ``--out`` (default
+``benchmarks/results/load-<time>/``).
 
 The parts, by concern: ``classify_requests`` (the images and the prepared requests),
-``http_client`` (the keep-alive client), ``server_metrics`` (the server's histograms),
-``load_results`` (levels, one level's result and its statistics), ``load_output`` (progress bar,
-table, JSON and CSV). This module runs the levels (closed and open loop) and is the command line.
+``oip_requests`` (the same as Open Inference Protocol requests), ``http_client`` (the keep-alive
+client), ``grpc_client`` (the gRPC channel), ``load_protocols`` (each protocol's requests, clients
+and answers), ``server_metrics`` (the server's histograms), ``load_results`` (levels, one level's
+result and its statistics), ``load_output`` (progress bar, table, JSON and CSV). This module runs
+the levels (closed and open loop) and is the command line.
 """
 
 from __future__ import annotations
@@ -41,14 +49,24 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
 from benchmarks import cpu_time
-from benchmarks.classify_requests import Image, build_requests, folder_images, generated_images
-from benchmarks.http_client import Connection, HttpError, address, http_get
+from benchmarks.classify_requests import Image, folder_images, generated_images
+from benchmarks.http_client import http_get
 from benchmarks.load_output import Progress, format_table, progress_bar, write_results
+from benchmarks.load_protocols import (
+    MALFORMED,
+    PROTOCOLS,
+    SUCCESS,
+    UNANSWERED,
+    ProtocolClient,
+    Send,
+    Status,
+    protocol_client,
+)
 from benchmarks.load_results import (
     Level,
     LevelResult,
@@ -60,8 +78,6 @@ from benchmarks.load_results import (
 from benchmarks.server_metrics import scrape
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-TRANSPORT_ERROR = "connection"
-TIMEOUT_ERROR = "timeout"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,17 +89,18 @@ class _Window:
     """Samples of the measured part of one level."""
 
     latencies: list[float] = field(default_factory=list)  # seconds, successful requests
-    answered: list[float] = field(default_factory=list)  # seconds, every HTTP answer (the server's view)
-    errors: Counter = field(default_factory=Counter)  # status code or transport error -> count
+    answered: list[float] = field(default_factory=list)  # seconds, every answer (the server's view)
+    # HTTP status code, gRPC status code name, or the client's own failure -> count
+    errors: Counter = field(default_factory=Counter)
     bodies: list[bytes] = field(default_factory=list)  # successful answers, read after the level
     images: int = 0
     sent: int = 0
     late: int = 0  # open loop: requests that started more than 1 ms after their scheduled time
 
-    def record(self, seconds: float, status: int | str, body: bytes, images: int) -> None:
-        if isinstance(status, int):
+    def record(self, seconds: float, status: Status, body: bytes, images: int) -> None:
+        if status not in UNANSWERED:
             self.answered.append(seconds)
-        if status == 200:
+        if status in SUCCESS:
             self.latencies.append(seconds)
             self.images += images
             # Parsed once the level is over: the generator shares the machine with the server, and
@@ -91,18 +108,6 @@ class _Window:
             self.bodies.append(body)
         else:
             self.errors[str(status)] += 1
-
-    def server_timings(self) -> dict[str, list[float]]:
-        """The server's own ``timings_ms`` of every successful answer, by stage."""
-        stages: dict[str, list[float]] = {}
-        for body in self.bodies:
-            try:
-                timings = json.loads(body)["timings_ms"]
-            except (ValueError, KeyError, TypeError):
-                continue
-            for stage, value in timings.items():
-                stages.setdefault(stage, []).append(value)
-        return stages
 
 
 class _Budget:
@@ -119,20 +124,9 @@ class _Budget:
         return True
 
 
-async def _send(connection: Connection, raw: bytes, timeout_s: float) -> tuple[int | str, bytes]:
-    try:
-        # asyncio.timeout, not wait_for: no task per request (Python 3.11's wait_for makes one).
-        async with asyncio.timeout(timeout_s):
-            return await connection.exchange(raw)
-    except TimeoutError:
-        connection.close()
-        return TIMEOUT_ERROR, b""
-    except HttpError:
-        return TRANSPORT_ERROR, b""
-
-
 async def _closed_loop(
-    connections: list[Connection],
+    send: Send,
+    connections: list,
     requests: Sequence[bytes],
     images_per_request: int,
     budget: _Budget,
@@ -146,38 +140,16 @@ async def _closed_loop(
             raw = requests[i % len(requests)]
             i += len(connections)
             started = time.perf_counter()
-            status, body = await _send(connection, raw, timeout_s)
+            status, body = await send(connection, raw, timeout_s)
             window.sent += 1
             window.record(time.perf_counter() - started, status, body, images_per_request)
 
     await asyncio.gather(*(worker(offset) for offset in range(len(connections))))
 
 
-class _Pool:
-    """Idle connections for the open loop; a new one opens whenever none is idle."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.host, self.port = host, port
-        self.idle: list[Connection] = []
-        self.opened = 0
-
-    def get(self) -> Connection:
-        if self.idle:
-            return self.idle.pop()
-        self.opened += 1
-        return Connection(self.host, self.port)
-
-    def put(self, connection: Connection) -> None:
-        self.idle.append(connection)
-
-    def close(self) -> None:
-        for connection in self.idle:
-            connection.close()
-        self.idle.clear()
-
-
 async def _open_loop(
-    pool: _Pool,
+    send: Send,
+    pool,
     rate: float,
     requests: Sequence[bytes],
     images_per_request: int,
@@ -191,7 +163,7 @@ async def _open_loop(
 
     async def one(raw: bytes, scheduled: float) -> None:
         connection = pool.get()
-        status, body = await _send(connection, raw, timeout_s)
+        status, body = await send(connection, raw, timeout_s)
         window.sent += 1
         # From the scheduled start: time spent waiting behind a slow server is the user's time too.
         window.record(time.perf_counter() - scheduled, status, body, images_per_request)
@@ -229,6 +201,8 @@ class LoadConfig:
     seed: int = 0
     read_metrics: bool = True
     server_pid: int | None = None  # a server on this machine: its CPU is read around each level
+    protocol: str = "classify"  # one of PROTOCOLS
+    grpc_url: str | None = None  # oip-grpc: HOST:PORT (default: the --url's host, port 8001)
 
 
 async def run_level(
@@ -239,24 +213,29 @@ async def run_level(
     progress: Progress | None = None,
 ) -> LevelResult:
     """Warm up, then measure one model at one level; the server's histograms are read around it."""
-    host, port = address(config.url)
-    requests = build_requests(
-        f"{host}:{port}", model, images, top_k=config.top_k, files_per_request=config.files_per_request
+    client: ProtocolClient = protocol_client(
+        config.protocol,
+        config.url,
+        config.grpc_url,
+        model,
+        images,
+        top_k=config.top_k,
+        images_per_request=config.files_per_request,
     )
+    requests, send, cpu_clock = client.requests, client.send, client.cpu_clock
     rng = random.Random(config.seed)
-    connections = (
-        [Connection(host, port) for _ in range(int(level.value))] if level.mode == "concurrency" else []
-    )
-    pool = _Pool(host, port)
+    connections = client.clients(int(level.value)) if level.mode == "concurrency" else []
+    pool = client.pool()
 
     async def phase(duration_s: float, limit: int | None, window: _Window) -> None:
         budget = _Budget(limit, time.perf_counter() + duration_s)
         if level.mode == "concurrency":
             await _closed_loop(
-                connections, requests, config.files_per_request, budget, window, config.timeout_s
+                send, connections, requests, config.files_per_request, budget, window, config.timeout_s
             )
         else:
             await _open_loop(
+                send,
                 pool,
                 level.value,
                 requests,
@@ -268,47 +247,51 @@ async def run_level(
                 rng,
             )
 
+    label = f"{model} {level}" if config.protocol == "classify" else f"{model} {config.protocol} {level}"
     try:
         if config.warmup_s > 0:
             await phase(config.warmup_s, None, _Window())
         before = await scrape(config.url) if config.read_metrics else None
         window = _Window()
-        ticker = asyncio.create_task(_tick(progress, f"{model} {level}", window, config.duration_s))
+        ticker = asyncio.create_task(_tick(progress, label, window, config.duration_s))
         server_cpu0 = cpu_time.read(config.server_pid) if config.server_pid is not None else None
-        cpu0, started = time.thread_time(), time.perf_counter()
+        cpu0, started = cpu_clock(), time.perf_counter()
         try:
             await phase(config.duration_s, config.max_requests, window)
         finally:
             elapsed = time.perf_counter() - started
-            cpu_s = time.thread_time() - cpu0
+            cpu_s = cpu_clock() - cpu0
             server_cpu1 = cpu_time.read(config.server_pid) if server_cpu0 is not None else None
             ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await ticker
             if progress is not None:  # the bar's last state: complete, which also clears the line
-                progress(f"{model} {level}", config.duration_s, window.sent, config.duration_s)
+                progress(label, config.duration_s, window.sent, config.duration_s)
         # Every measured request has been answered, so the server has recorded all of them, and only them.
         after = await scrape(config.url) if config.read_metrics else None
     finally:
-        for connection in connections:
-            connection.close()
         pool.close()
+        await client.close()
 
     latencies = window.latencies
+    timings, malformed = client.read_answers(window.bodies)
     server_timings = {
         stage: {"mean": sum(values) / len(values), "p50": percentile(values, 0.5) or 0.0}
-        for stage, values in window.server_timings().items()
+        for stage, values in timings.items()
         if values
     }
+    if malformed:
+        window.errors[MALFORMED] += malformed
+    ok = len(latencies) - malformed
     return LevelResult(
         model=model,
         mode=level.mode,
         level=level.value,
         duration_s=elapsed,
         requests=window.sent,
-        ok=len(latencies),
+        ok=ok,
         images=window.images,
-        requests_per_s=len(latencies) / elapsed if elapsed > 0 else 0.0,
+        requests_per_s=ok / elapsed if elapsed > 0 else 0.0,
         images_per_s=window.images / elapsed if elapsed > 0 else 0.0,
         latency_ms=latency_summary(latencies),
         errors=dict(sorted(window.errors.items())),
@@ -320,10 +303,11 @@ async def run_level(
         client_cpu_us_per_request=1e6 * cpu_s / window.sent if window.sent else 0.0,
         target_rate=level.value if level.mode == "rate" else None,
         late_starts=window.late,
-        connections=len(connections) if level.mode == "concurrency" else pool.opened,
+        connections=client.opened if level.mode == "concurrency" else pool.opened,
         server_cpu=(server_cpu1 - server_cpu0).per_request(window.sent)
         if server_cpu0 is not None and server_cpu1 is not None
         else None,
+        protocol=config.protocol,
     )
 
 
@@ -343,12 +327,20 @@ async def sweep(
     images: Sequence[Image],
     progress: Progress | None = None,
 ) -> list[LevelResult]:
-    """Every model at every level, one after the other."""
+    """Every model at every level, one after the other, in ``config.protocol``."""
     results = []
     for model in models:
         for level in levels:
             results.append(await run_level(config, model, level, images, progress))
     return results
+
+
+def _protocols(text: str) -> list[str]:
+    names = list(PROTOCOLS) if text == "all" else [p.strip() for p in text.split(",") if p.strip()]
+    unknown = [name for name in names if name not in PROTOCOLS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"expected 'all' or some of {', '.join(PROTOCOLS)}; got {text!r}")
+    return names
 
 
 def run(coroutine):
@@ -384,6 +376,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="the server")
     parser.add_argument("--models", default="all", help="comma-separated names, or 'all' (every ready model)")
     parser.add_argument(
+        "--protocol",
+        type=_protocols,
+        default=["classify"],
+        help=f"comma-separated, each swept in turn, or 'all': {', '.join(PROTOCOLS)} (oip-http: the Open "
+        "Inference Protocol over HTTP with binary tensor data; oip-grpc: over gRPC)",
+    )
+    parser.add_argument(
+        "--grpc-url",
+        default=None,
+        help="oip-grpc: the server's gRPC HOST:PORT (default: the --url's host, port 8001)",
+    )
+    parser.add_argument(
         "--concurrency",
         type=lambda t: _numbers(t, int),
         default=None,
@@ -407,7 +411,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--images", type=Path, default=None, help="folder of images to send (default: generated)"
     )
     parser.add_argument("--image-count", type=int, default=8, help="generated 500x375 JPEGs when no --images")
-    parser.add_argument("--files-per-request", type=int, default=1, help="> 1: multipart requests of N files")
+    parser.add_argument(
+        "--files-per-request",
+        type=int,
+        default=1,
+        help="> 1: N images per request (classify: multipart files; OIP: a BYTES input of N elements)",
+    )
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument(
         "--server-pid",
@@ -463,19 +472,25 @@ async def _main(args: argparse.Namespace) -> int:
         files_per_request=args.files_per_request,
         poisson=args.poisson,
         server_pid=args.server_pid,
+        grpc_url=args.grpc_url,
     )
     levels = levels_from(args.concurrency, args.rate)
     started = datetime.now().astimezone()
-    cpu0, wall0 = time.thread_time(), time.perf_counter()
-    results = await sweep(config, models, levels, images, progress_bar())
-    cpu_s, wall_s = time.thread_time() - cpu0, time.perf_counter() - wall0
+    # The process's CPU: with oip-grpc, grpc's own threads do part of the generator's work.
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    results = []
+    for protocol in args.protocol:
+        config = replace(config, protocol=protocol)
+        results += await sweep(config, models, levels, images, progress_bar())
+    cpu_s, wall_s = time.process_time() - cpu0, time.perf_counter() - wall0
     print(format_table(results))
     print(f"load generator CPU: {cpu_s:.2f} s over {wall_s:.1f} s ({100 * cpu_s / wall_s:.1f}% of one core)")
     out = args.out or RESULTS_DIR / f"load-{started:%Y%m%d-%H%M%S}"
     meta = {
         "url": args.url,
         "started": started.isoformat(timespec="seconds"),
-        "config": {k: v for k, v in asdict(config).items() if k != "url"},
+        "config": {k: v for k, v in asdict(config).items() if k not in ("url", "protocol")},
+        "protocols": args.protocol,
         "images": [image.name for image in images],
         "client_cpu_s": cpu_s,
         "wall_s": wall_s,

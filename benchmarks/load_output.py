@@ -1,5 +1,5 @@
 """What the load generator shows and writes: the progress bar while a level runs, the summary table on
-the terminal, and ``load.json`` + ``load.csv`` (one row per model and level).
+the terminal, and ``load.json`` + ``load.csv`` (one row per model, protocol and level).
 """
 
 from __future__ import annotations
@@ -26,17 +26,18 @@ def progress_bar(stream=sys.stderr) -> Progress | None:
         bar = "#" * round(done * 24)
         rate = sent / elapsed_s if elapsed_s > 0 else 0.0
         stream.write(
-            f"\r{label:<28} [{bar:<24}] {elapsed_s:5.1f}/{duration_s:.0f} s {sent:6d} req {rate:7.1f}/s"
+            f"\r{label:<36} [{bar:<24}] {elapsed_s:5.1f}/{duration_s:.0f} s {sent:6d} req {rate:7.1f}/s"
         )
         stream.flush()
         if done >= 1.0:
-            stream.write("\r" + " " * 90 + "\r")
+            stream.write("\r" + " " * 98 + "\r")
 
     return show
 
 
 CSV_COLUMNS = (
     "model",
+    "protocol",
     "mode",
     "level",
     "duration_s",
@@ -87,6 +88,7 @@ def csv_row(result: LevelResult) -> dict[str, object]:
     cpu = result.server_cpu or {}
     return {
         "model": result.model,
+        "protocol": result.protocol,
         "mode": result.mode,
         "level": result.level,
         "duration_s": round(result.duration_s, 3),
@@ -116,9 +118,10 @@ def _round(value: float | None) -> float | None:
 
 
 def format_table(results: Sequence[LevelResult]) -> str:
-    """perf_analyzer-style summary: one row per model and level."""
+    """perf_analyzer-style summary: one row per model, protocol and level."""
     header = (
         "model",
+        "protocol",
         "load",
         "req/s",
         "img/s",
@@ -153,6 +156,7 @@ def format_table(results: Sequence[LevelResult]) -> str:
         rows.append(
             (
                 r.model,
+                r.protocol,
                 r.label,
                 _fmt(r.requests_per_s),
                 _fmt(r.images_per_s),
@@ -166,7 +170,7 @@ def format_table(results: Sequence[LevelResult]) -> str:
             )
         )
     return (
-        text_table(rows, left_aligned=2)
+        text_table(rows, left_aligned=3)
         + "\nlatencies in ms; decode/queue/infer: server means from timings_ms; client CPU: % of one core"
         + (
             "; loop/threads: the server's event-loop thread and its other threads, CPU ms per request;"

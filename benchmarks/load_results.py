@@ -35,7 +35,7 @@ def levels_from(concurrency: Iterable[int] = (), rates: Iterable[float] = ()) ->
 
 @dataclass
 class LevelResult:
-    """One model at one load level: the client's measurements and the server's, side by side."""
+    """One model at one load level in one protocol: the client's and the server's measurements."""
 
     model: str
     mode: str
@@ -59,6 +59,8 @@ class LevelResult:
     # With LoadConfig.server_pid: the server's CPU per request (event loop, other threads) and the
     # machine's idle share over the same window (benchmarks/cpu_time.py).
     server_cpu: dict[str, float] | None = None
+    # How the requests were sent: classify, oip-http or oip-grpc (benchmarks/load_protocols.py).
+    protocol: str = "classify"
 
     @property
     def label(self) -> str:

@@ -33,11 +33,17 @@ def _spread(values: list[float]) -> dict[str, float] | None:
     return {"median": statistics.median(values), "low": min(values), "high": max(values), "n": len(values)}
 
 
-def served_levels(results: dict) -> dict[tuple[str, float], dict]:
-    """(model, concurrency) -> medians and spreads over the repeats of that served level."""
+def _protocol(level: dict) -> str:
+    """How a served level was sent (results from before the protocols were measured: /classify)."""
+    return level.get("protocol", "classify")
+
+
+def served_levels(results: dict, protocol: str = "classify") -> dict[tuple[str, float], dict]:
+    """(model, concurrency) -> medians and spreads over the repeats of that served level in ``protocol``."""
     grouped: dict[tuple[str, float], list[dict]] = defaultdict(list)
     for level in results.get("served", {}).get("levels", []):
-        grouped[(level["model"], level["level"])].append(level)
+        if _protocol(level) == protocol:
+            grouped[(level["model"], level["level"])].append(level)
     summary = {}
     for key, runs in grouped.items():
         errors: dict[str, int] = defaultdict(int)
@@ -123,11 +129,13 @@ def inprocess_throughput(results: dict) -> dict[tuple[str, str, int], dict]:
     }
 
 
-def _served_by_repeat(results: dict, model: str, level: float, key: str) -> dict[int, float]:
+def _served_by_repeat(
+    results: dict, model: str, level: float, key: str, protocol: str = "classify"
+) -> dict[int, float]:
     return {
         row.get("repeat", 0): (row[key] if key != "p50_ms" else row["latency_ms"]["p50"])
         for row in results.get("served", {}).get("levels", [])
-        if row["model"] == model and row["level"] == level
+        if row["model"] == model and row["level"] == level and _protocol(row) == protocol
     }
 
 
@@ -205,6 +213,59 @@ def model_summary(results: dict) -> list[dict]:
                 "served_over_inprocess": ratio,
             }
         )
+    return rows
+
+
+def protocol_summary(results: dict) -> list[dict]:
+    """One row per model and protocol other than /classify: its req/s at the highest concurrency and
+    its p50 at the lowest, beside /classify's, compared repeat by repeat (each repeat measures the
+    protocols back to back at the same level)."""
+    protocols = sorted({_protocol(level) for level in results.get("served", {}).get("levels", [])})
+    others = [p for p in protocols if p != "classify"]
+    if not others:
+        return []
+    classify = served_levels(results)
+    concurrency = sorted({level for _, level in classify})
+    if not concurrency:
+        return []
+    low_c, high_c = concurrency[0], concurrency[-1]
+    rows = []
+    for protocol in others:
+        levels = served_levels(results, protocol)
+        for model in results["models"]:
+            high, low = levels.get((model, high_c), {}), levels.get((model, low_c), {})
+            if not high and not low:
+                continue
+            errors: dict[str, int] = defaultdict(int)
+            for level in (high, low):
+                for code, n in level.get("errors", {}).items():
+                    errors[code] += n
+            rows.append(
+                {
+                    "model": model,
+                    "protocol": protocol,
+                    "concurrency_low": low_c,
+                    "concurrency_high": high_c,
+                    "requests_per_s": high.get("requests_per_s"),
+                    "classify_requests_per_s": (classify.get((model, high_c)) or {}).get("requests_per_s"),
+                    "over_classify": _paired(
+                        _served_by_repeat(results, model, high_c, "requests_per_s", protocol),
+                        _served_by_repeat(results, model, high_c, "requests_per_s"),
+                        lambda other, classify: other / classify if classify else None,
+                    ),
+                    "p50_ms": low.get("p50_ms"),
+                    "classify_p50_ms": (classify.get((model, low_c)) or {}).get("p50_ms"),
+                    "p50_minus_classify_ms": _paired(
+                        _served_by_repeat(results, model, low_c, "p50_ms", protocol),
+                        _served_by_repeat(results, model, low_c, "p50_ms"),
+                        lambda other, classify: (
+                            None if other is None or classify is None else other - classify
+                        ),
+                    ),
+                    "client_cpu_ms_per_request": high.get("client_cpu_ms_per_request"),
+                    "errors": dict(sorted(errors.items())),
+                }
+            )
     return rows
 
 
@@ -321,6 +382,42 @@ def cpu_table(results: dict) -> str:
                 _sp(idle, 1) + ("%" if idle else ""),
             ]
         )
+    return _table(head, body)
+
+
+def protocol_table(results: dict) -> str:
+    """The Open Inference Protocol's front doors beside /classify, model by model."""
+    rows = results.get("protocols") or protocol_summary(results)
+    if not rows:
+        return "(only /classify was measured)"
+    low_c, high_c = rows[0]["concurrency_low"], rows[0]["concurrency_high"]
+    head = [
+        "model",
+        "protocol",
+        f"req/s (c={high_c:g})",
+        "/classify req/s",
+        "/ classify",
+        f"p50 ms (c={low_c:g})",
+        "/classify p50 ms",
+        "difference ms",
+        "load generator ms/req",
+        "errors",
+    ]
+    body = [
+        [
+            r["model"],
+            r["protocol"],
+            _sp(r["requests_per_s"]),
+            _sp(r["classify_requests_per_s"]),
+            _percent(r["over_classify"]),
+            _sp(r["p50_ms"], 2),
+            _sp(r["classify_p50_ms"], 2),
+            _sp(r["p50_minus_classify_ms"], 2),
+            _sp(r["client_cpu_ms_per_request"], 3),
+            " ".join(f"{code}:{n}" for code, n in r["errors"].items()) or "0",
+        ]
+        for r in rows
+    ]
     return _table(head, body)
 
 
@@ -498,6 +595,18 @@ def markdown(results: dict) -> str:
         "server's own request-duration histogram for the same requests, in every repeat.",
         "",
         served_table(results),
+        "",
+        "## Open Inference Protocol beside /classify",
+        "",
+        "The same models and JPEGs sent through the Open Inference Protocol, in the same repeats as "
+        "/classify and right after it at each level: `oip-http` is `POST /v2/models/{model}/infer` with "
+        "binary tensor data (a BYTES input of the encoded image, the classification extension's top 5 "
+        "as binary output), `oip-grpc` is `ModelInfer` over one gRPC channel with the same tensors in "
+        "raw_input_contents. '/ classify' and 'difference' are taken repeat by repeat; the aim is at "
+        "least 90% of /classify's requests/s and a p50 at most 1 ms above its. The load generator's "
+        "CPU per request counts its gRPC library's threads too.",
+        "",
+        protocol_table(results),
         "",
         "## Where the served path's CPU goes",
         "",

@@ -169,6 +169,42 @@ def test_report_markdown_and_chart(tmp_path):
         assert chart.format == "PNG" and chart.width > 600
 
 
+def _with_protocols() -> dict:
+    """The results above plus oip-http and oip-grpc at the lowest and highest concurrency."""
+    results = _results()
+    for protocol, scale in (("oip-http", 0.9), ("oip-grpc", 1.1)):
+        for repeat, (rps, p50) in enumerate(((200.0, 9.0), (180.0, 10.0), (190.0, 9.5))):
+            for level, rate, latency in ((1, rps / 2, p50), (16, rps * scale, p50 * 9)):
+                row = _level("m", level, repeat, rate, latency + (0.5 if level == 1 else 0.0))
+                results["served"]["levels"].append({**row, "protocol": protocol})
+    return results
+
+
+def test_other_protocols_are_compared_with_classify_and_leave_its_figures_alone():
+    results = _with_protocols()
+    # /classify's own figures are those of _results(): the other protocols' levels are kept apart.
+    (row,) = report.model_summary(results)
+    assert row["served_requests_per_s"] == 190.0 and row["served_p50_ms"] == 9.5
+    assert row["served_over_inprocess"]["median"] == pytest.approx(0.75)
+    rows = {r["protocol"]: r for r in report.protocol_summary(results)}
+    assert set(rows) == {"oip-http", "oip-grpc"}
+    http = rows["oip-http"]
+    assert (http["concurrency_low"], http["concurrency_high"]) == (1, 16)
+    # Repeat by repeat against /classify at c=16 (200, 180, 190 req/s): 0.9 each time.
+    assert http["over_classify"]["median"] == pytest.approx(0.9) and http["over_classify"]["n"] == 3
+    assert http["requests_per_s"]["median"] == pytest.approx(171.0)
+    assert rows["oip-grpc"]["over_classify"]["low"] == pytest.approx(1.1)
+    # p50 at c=1: 0.5 ms above /classify in every repeat.
+    difference = http["p50_minus_classify_ms"]
+    assert (difference["median"], difference["low"], difference["high"]) == (0.5, 0.5, 0.5)
+    assert http["p50_ms"]["median"] == 10.0 and http["classify_p50_ms"]["median"] == 9.5
+    table = report.protocol_table(results)
+    assert "| m | oip-http | 171.0 (162.0-180.0) | 190.0 (180.0-200.0) | 90% (90-90%) | 10.00" in table
+    assert "## Open Inference Protocol beside /classify" in report.markdown(results)
+    assert report.protocol_summary(_results()) == []
+    assert "only /classify" in report.protocol_table(_results())
+
+
 def test_cpu_table_puts_the_served_parts_beside_the_in_process_cpu_per_request():
     table = report.cpu_table(_results())
     # In-process: the fastest arrangement's 2000/250, 2000/240, 2000/260 ms. Served per repeat: event
@@ -224,6 +260,12 @@ def test_quick_bench_writes_report_chart_tables_and_load_files(built_repository,
     (row,) = results["summary"]
     assert row["model"] == MODEL and row["served_over_inprocess"]["median"] > 0 and row["served_p50_ms"] > 0
     assert {level["level"] for level in results["served"]["levels"]} == {1, 4}
+    # Each protocol at the lowest and the highest concurrency, beside /classify in the same run.
+    protocols = {(level["protocol"], level["level"]) for level in results["served"]["levels"]}
+    assert protocols == {(p, c) for p in ("classify", "oip-http", "oip-grpc") for c in (1, 4)}
+    assert all(level["errors"] == {} for level in results["served"]["levels"]), results["served"]["levels"]
+    assert {row["protocol"] for row in results["protocols"]} == {"oip-http", "oip-grpc"}
+    assert all(row["over_classify"]["median"] > 0 for row in results["protocols"])
     assert len(results["guideline1"]) == 4 and len(results["decomposition"]) == 2
     # The server was started here: each level says what its threads cost per request, from /proc. The
     # inference threads do the decoding and the inference, far more than the event loop.
@@ -238,6 +280,7 @@ def test_quick_bench_writes_report_chart_tables_and_load_files(built_repository,
         "## Summary",
         "## (a)",
         "## (b)",
+        "## Open Inference Protocol beside /classify",
         "## Where the served path's CPU goes",
         "## Reduced precision",
         "guideline 1",

@@ -7,14 +7,17 @@ import asyncio
 import csv
 import json
 import shlex
+import struct
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from prometheus_client import generate_latest
 
-from benchmarks import load
+from benchmarks import load, oip_requests
 from benchmarks.classify_requests import build_requests, generated_images
 from benchmarks.http_client import Connection
+from benchmarks.load_protocols import PROTOCOLS
 from benchmarks.load_results import Level, percentile
 from benchmarks.server_metrics import Histogram, Scrape, parse_metrics, within_one_bucket
 from benchmarks.text_table import text_table
@@ -133,6 +136,228 @@ def test_text_table_aligns_text_left_and_numbers_right():
     assert text_table([("a", "b"), ("ccc", "d")]).splitlines()[0] == "a    b"
 
 
+# --- the Open Inference Protocol: requests built, answers read, against small fakes ------------------
+
+
+def _split_http(raw: bytes) -> tuple[str, dict[str, str], bytes]:
+    head, body = raw.split(b"\r\n\r\n", 1)
+    request_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {name.lower(): value.strip() for name, value in (line.split(":", 1) for line in lines)}
+    return request_line, headers, body
+
+
+def _bytes_tensor(elements: list[bytes]) -> bytes:
+    return b"".join(struct.pack("<I", len(e)) + e for e in elements)
+
+
+def test_oip_http_requests_carry_binary_bytes_input_and_ask_for_the_classification():
+    images = generated_images(3, 64, 48)
+    raw = oip_requests.build_http_requests("h:1", "mobilenet_v2", images, top_k=5)[1]
+    request_line, headers, body = _split_http(raw)
+    assert request_line == "POST /v2/models/mobilenet_v2/infer HTTP/1.1"
+    assert int(headers["content-length"]) == len(body)
+    assert headers["content-type"] == "application/octet-stream"
+    json_size = int(headers["inference-header-content-length"])
+    header = json.loads(body[:json_size])
+    (tensor,) = header["inputs"]
+    assert tensor == {
+        "name": "image",
+        "shape": [1],
+        "datatype": "BYTES",
+        "parameters": {"binary_data_size": len(body) - json_size},
+    }
+    # The binary layout of BYTES: a 4-byte little-endian length, then the element's bytes.
+    assert body[json_size:] == struct.pack("<I", len(images[1].data)) + images[1].data
+    assert header["outputs"] == [{"name": "logits", "parameters": {"classification": 5, "binary_data": True}}]
+    # Several images in one request: one BYTES element each.
+    batch = oip_requests.build_http_requests("h:1", "m", images, images_per_request=3)[0]
+    _, headers, body = _split_http(batch)
+    json_size = int(headers["inference-header-content-length"])
+    assert json.loads(body[:json_size])["inputs"][0]["shape"] == [3]
+    assert oip_requests.bytes_elements(body[json_size:], 3) == [image.data for image in images]
+
+
+def _classification(rows: int, k: int) -> list[bytes]:
+    return [f"{0.5 - i / 100:.6f}:{i}:label {i}: with colon".encode() for _ in range(rows) for i in range(k)]
+
+
+def _http_answer(rows: int, k: int, *, binary: bool = True, extra_output: bool = False) -> bytes:
+    outputs = []
+    data = b""
+    if extra_output:
+        raw = struct.pack("<4f", 1, 2, 3, 4)
+        outputs.append(
+            {
+                "name": "other",
+                "datatype": "FP32",
+                "shape": [1, 4],
+                "parameters": {"binary_data_size": len(raw)},
+            }
+        )
+        data += raw
+    elements = _classification(rows, k)
+    output = {"name": "logits", "datatype": "BYTES", "shape": [rows, k]}
+    if binary:
+        tensor = _bytes_tensor(elements)
+        output["parameters"] = {"binary_data_size": len(tensor)}
+        data += tensor
+    else:
+        output["data"] = [e.decode() for e in elements]
+    outputs.append(output)
+    return json.dumps({"model_name": "m", "model_version": "1", "outputs": outputs}).encode() + data
+
+
+def test_oip_http_answers_are_read_binary_or_json():
+    for answer in (
+        _http_answer(2, 5),
+        _http_answer(2, 5, binary=False),
+        _http_answer(2, 5, extra_output=True),
+    ):
+        rows = oip_requests.read_http_answer(answer)
+        assert len(rows) == 2 and all(len(row) == 5 for row in rows)
+        assert oip_requests.parse_classification(rows[1][2]) == (0.48, 2, "label 2: with colon")
+    truncated = _http_answer(1, 5)[:-3]
+    with pytest.raises(oip_requests.AnswerError):
+        oip_requests.read_http_answer(truncated)
+    with pytest.raises(oip_requests.AnswerError):
+        oip_requests.read_http_answer(b'{"error": "unknown model"}')
+    with pytest.raises(oip_requests.AnswerError):
+        oip_requests.bytes_elements(struct.pack("<I", 1000) + b"short")
+
+
+def test_oip_grpc_requests_carry_raw_bytes_input_and_ask_for_the_classification():
+    from tritonclient.grpc import service_pb2
+
+    images = generated_images(2, 64, 48)
+    (message, _) = oip_requests.build_grpc_requests("shufflenet_v2", images, top_k=3)
+    request = service_pb2.ModelInferRequest.FromString(message)
+    assert request.model_name == "shufflenet_v2"
+    (tensor,) = request.inputs
+    assert (tensor.name, tensor.datatype, list(tensor.shape)) == ("image", "BYTES", [1])
+    assert list(request.raw_input_contents) == [_bytes_tensor([images[0].data])]
+    (output,) = request.outputs
+    assert output.name == "logits" and output.parameters["classification"].int64_param == 3
+
+    response = service_pb2.ModelInferResponse(model_name="shufflenet_v2", model_version="1")
+    response.outputs.add(name="logits", datatype="BYTES", shape=[1, 3])
+    response.raw_output_contents.append(_bytes_tensor(_classification(1, 3)))
+    rows = oip_requests.read_grpc_answer(response.SerializeToString())
+    assert [oip_requests.parse_classification(e)[1] for e in rows[0]] == [0, 1, 2]
+    with pytest.raises(oip_requests.AnswerError):
+        oip_requests.read_grpc_answer(b"\xff\xff not protobuf")
+
+
+async def _fake_oip_http_server(malformed: bool = False):
+    """Answers every infer request with a binary classification of as many rows as it sent images."""
+
+    async def answer(reader, writer):
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                _, headers, _ = _split_http(head)
+                body = await reader.readexactly(int(headers["content-length"]))
+                header = json.loads(body[: int(headers["inference-header-content-length"])])
+                k = header["outputs"][0]["parameters"]["classification"]
+                out = _http_answer(header["inputs"][0]["shape"][0], k)
+                out = out[:-2] if malformed else out
+                writer.write(
+                    f"HTTP/1.1 200 OK\r\nContent-Length: {len(out)}\r\n"
+                    "Content-Type: application/octet-stream\r\n\r\n".encode()
+                    + out
+                )
+        except asyncio.IncompleteReadError:
+            writer.close()
+
+    return await asyncio.start_server(answer, "127.0.0.1", 0)
+
+
+@pytest.mark.parametrize("malformed", [False, True])
+def test_oip_http_level_against_a_fake_server(malformed):
+    images = generated_images(2, 64, 48)
+
+    async def level():
+        server = await _fake_oip_http_server(malformed)
+        port = server.sockets[0].getsockname()[1]
+        config = load.LoadConfig(
+            url=f"http://127.0.0.1:{port}",
+            duration_s=0.3,
+            warmup_s=0.05,
+            read_metrics=False,
+            protocol="oip-http",
+            files_per_request=2,
+        )
+        try:
+            return await load.run_level(config, "m", Level("concurrency", 3), images)
+        finally:
+            server.close()
+
+    result = load.run(level())
+    assert result.protocol == "oip-http" and result.requests > 10 and result.connections == 3
+    assert result.images == 2 * (result.ok + result.errors.get("malformed", 0))
+    if malformed:
+        assert result.ok == 0 and result.errors == {"malformed": result.requests}
+    else:
+        assert result.ok == result.requests and result.errors == {}
+    assert result.server_timings_ms == {}  # OIP answers carry no timings_ms
+
+
+def test_oip_grpc_level_against_a_fake_server():
+    import grpc
+    from tritonclient.grpc import service_pb2
+
+    images = generated_images(2, 64, 48)
+    seen = []
+
+    async def model_infer(message: bytes, context) -> bytes:
+        request = service_pb2.ModelInferRequest.FromString(message)
+        seen.append(request.model_name)
+        if request.model_name != "m":
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model {request.model_name}")
+        k = request.outputs[0].parameters["classification"].int64_param
+        response = service_pb2.ModelInferResponse(model_name="m", model_version="1")
+        response.outputs.add(name="logits", datatype="BYTES", shape=[1, k])
+        response.raw_output_contents.append(_bytes_tensor(_classification(1, k)))
+        return response.SerializeToString()
+
+    async def level(model: str, concurrency: int):
+        server = grpc.aio.server()
+        handler = grpc.method_handlers_generic_handler(
+            "inference.GRPCInferenceService", {"ModelInfer": grpc.unary_unary_rpc_method_handler(model_infer)}
+        )
+        server.add_generic_rpc_handlers((handler,))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        config = load.LoadConfig(
+            url="http://127.0.0.1:9",  # the HTTP side is not used: no metrics read
+            grpc_url=f"127.0.0.1:{port}",
+            duration_s=0.3,
+            warmup_s=0.05,
+            read_metrics=False,
+            protocol="oip-grpc",
+        )
+        try:
+            return await load.run_level(config, model, Level("concurrency", concurrency), images)
+        finally:
+            await server.stop(None)
+
+    result = load.run(level("m", 4))
+    assert result.protocol == "oip-grpc" and result.requests > 10
+    assert result.ok == result.requests and result.errors == {}
+    assert result.connections == 1  # one channel carries every concurrent call
+    assert result.client_cpu_s > 0
+    refused = load.run(level("nope", 2))
+    assert refused.ok == 0 and refused.errors == {"NOT_FOUND": refused.requests}
+    assert refused.latency_ms["p50"] is None and "nope" in seen
+
+
+def test_the_cli_takes_protocols_by_name():
+    assert load.parse_args(["--protocol", "oip-http,oip-grpc"]).protocol == ["oip-http", "oip-grpc"]
+    assert load.parse_args(["--protocol", "all"]).protocol == list(PROTOCOLS)
+    assert load.parse_args([]).protocol == ["classify"]
+    with pytest.raises(SystemExit):
+        load.parse_args(["--protocol", "oip-websocket"])
+
+
 # --- against a real server -------------------------------------------------------------------------
 
 
@@ -216,3 +441,34 @@ def test_the_cli_sweeps_every_ready_model_and_writes_json_and_csv(server, tmp_pa
 def test_the_cli_refuses_a_model_the_server_does_not_serve(server, capsys):
     assert load.main(["--url", server.url, "--models", "nope", "--duration", "0.1"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("protocol", ["oip-http", "oip-grpc"])
+def test_the_open_inference_protocol_levels_against_the_real_server(server, images, protocol):
+    config = load.LoadConfig(
+        url=server.url, grpc_url=server.grpc_url, duration_s=1.5, warmup_s=0.3, protocol=protocol
+    )
+    result = load.run(load.run_level(config, MODEL, Level("concurrency", 4), images))
+    # Every answer a well-formed top-5 classification of its image.
+    assert result.errors == {} and result.ok == result.requests > 10
+    assert result.protocol == protocol and result.images == result.ok
+    # The server counts OIP requests in the same request histogram, under the same model.
+    assert result.server_histogram is not None and result.server_histogram["count"] == result.ok
+    assert result.client_cpu_s > 0
+    refused = load.run(
+        load.run_level(replace(config, max_requests=3), "no_such_model", Level("concurrency", 1), images)
+    )
+    assert refused.ok == 0 and refused.requests == 3
+    assert refused.errors == ({"404": 3} if protocol == "oip-http" else {"NOT_FOUND": 3})
+
+
+def test_the_cli_sweeps_each_protocol_in_turn(server, tmp_path, capsys):
+    out = tmp_path / "results"
+    flags = shlex.split("--protocol all --concurrency 1 --duration 0.4 --warmup 0.1 --image-count 2")
+    code = load.main(["--url", server.url, "--grpc-url", server.grpc_url, *flags, "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    data = json.loads((out / "load.json").read_text())
+    assert [r["protocol"] for r in data["results"]] == list(PROTOCOLS)
+    assert all(r["ok"] > 0 and r["errors"] == {} for r in data["results"])
+    rows = list(csv.DictReader((out / "load.csv").open()))
+    assert [row["protocol"] for row in rows] == list(PROTOCOLS)
