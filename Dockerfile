@@ -145,7 +145,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     ENGINE_TARGET=gpu \
     BACKEND=auto
 USER 10001:10001
-EXPOSE 8000
+EXPOSE 8000 8001
 STOPSIGNAL SIGTERM
 # Generous start period: the first start builds the engines (minutes on a small GPU).
 HEALTHCHECK --interval=15s --timeout=5s --start-period=900s --retries=3 \
@@ -193,7 +193,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     ENGINE_TARGET=jetson \
     BACKEND=auto
 USER 10001:10001
-EXPOSE 8000
+EXPOSE 8000 8001
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=15s --timeout=5s --start-period=1800s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
@@ -220,7 +220,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONPATH=/app \
     MODEL_REPOSITORY=/app/model_repository
 USER 10001:10001
-EXPOSE 8000
+EXPOSE 8000 8001
 # The server drains in-flight requests on SIGTERM (bounded by SHUTDOWN_GRACE_S), then exits.
 STOPSIGNAL SIGTERM
 # Liveness only: /readyz (models loaded and warmed) is for orchestrators that route traffic.
