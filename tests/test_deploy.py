@@ -676,7 +676,7 @@ def test_dockerfile_runtime_stage_contract():
     (user,) = [line for line in runtime if line.startswith("USER ")]
     uid = user.split()[1].split(":")[0]
     assert uid.isdigit() and int(uid) != 0, "numeric non-root user (runAsNonRoot can verify it)"
-    assert "EXPOSE 8000" in runtime
+    assert "EXPOSE 8000 8001" in runtime  # HTTP and the Open Inference Protocol over gRPC
     assert "STOPSIGNAL SIGTERM" in runtime
     (healthcheck,) = [line for line in runtime if line.startswith("HEALTHCHECK")]
     exec_form = json.loads(healthcheck.split(" CMD ", 1)[1])
