@@ -504,7 +504,11 @@ def test_with_auth_token_calls_need_the_authorization_metadata(fake_repo, tmp_pa
         ready_service(fake_repo, tmp_path / "service.log", AUTH_TOKEN=TOKEN) as service,
         grpcclient.InferenceServerClient(service.grpc_url) as client,
     ):
-        assert client.is_server_live() and client.is_server_ready()  # the probes stay open
+        good = {"authorization": f"Bearer {TOKEN}"}
+        with pytest.raises(grpcclient.InferenceServerException) as raised:
+            client.is_server_live()
+        assert raised.value.status() == "StatusCode.UNAUTHENTICATED"
+        assert client.is_server_live(headers=good) and client.is_server_ready(headers=good)
         inputs = [
             grpcclient.InferInput("image", [1], "BYTES").set_data_from_numpy(np.array([JPEG], dtype=object))
         ]
@@ -514,6 +518,5 @@ def test_with_auth_token_calls_need_the_authorization_metadata(fake_repo, tmp_pa
             assert raised.value.status() == "StatusCode.UNAUTHENTICATED"
             with pytest.raises(grpcclient.InferenceServerException):
                 client.get_model_metadata(MODEL, headers=headers)
-        good = {"authorization": f"Bearer {TOKEN}"}
         assert client.infer(MODEL, inputs, headers=good).as_numpy("logits").shape == (1, 1000)
         assert client.get_model_metadata(MODEL, headers=good).name == MODEL

@@ -13,10 +13,10 @@ is UNIMPLEMENTED.
 Limits, as on the HTTP port: gRPC itself refuses a message over MAX_BODY_BYTES and a call whose
 metadata is over MAX_HEADER_BYTES (RESOURCE_EXHAUSTED), before anything is parsed. A message that
 does not parse (e.g. a name that is not UTF-8) is the client's error, INVALID_ARGUMENT: requests reach
-the servicer as bytes and are parsed here, where gRPC's own parsing would answer it as a server fault.
-With AUTH_TOKEN set, every call but the server's liveness and readiness (the probes, open as
-``/healthz`` and ``/readyz`` are) needs ``authorization: Bearer <token>`` metadata. A call's deadline
-is the client's when it is sooner than REQUEST_TIMEOUT_S.
+the servicer as bytes and are parsed here, where gRPC's own parsing would answer UNKNOWN.
+With AUTH_TOKEN set, every call needs ``authorization: Bearer <token>`` metadata (UNAUTHENTICATED
+otherwise), as every ``/v2`` route needs the header: the probes of a deployment are ``/healthz`` and
+``/readyz``. A call's deadline is the client's when it is sooner than REQUEST_TIMEOUT_S.
 
 Stopping: :meth:`OipGrpcServer.refuse_new_calls` closes the port (new calls get UNAVAILABLE) while
 the calls in flight finish; ``python -m service`` calls it at the moment it closes the HTTP port, and
@@ -64,7 +64,6 @@ log = logging.getLogger("service")
 access_log = logging.getLogger("service.access")
 
 SERVICE = "inference.GRPCInferenceService"
-_OPEN_METHODS = frozenset({"ServerLive", "ServerReady"})
 _AUTHORIZATION = "authorization"
 _CLASSIFICATION = "classification"
 
@@ -155,7 +154,7 @@ class InferenceServicer:
         return {
             # No request_deserializer: the method gets the bytes, and parses them itself.
             name: grpc.unary_unary_rpc_method_handler(
-                handler if name in _OPEN_METHODS or self._token is None else self._authorized(handler),
+                handler if self._token is None else self._authorized(handler),
                 response_serializer=response.SerializeToString,
             )
             for name, (handler, response) in methods.items()
