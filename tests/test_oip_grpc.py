@@ -102,7 +102,9 @@ def test_model_metadata_readiness_and_config_are_truthful(client, manifest):
 
 # --- inference ---------------------------------------------------------------------------------------
 def test_a_jpeg_as_bytes_gives_the_logits_that_classify_ranks(client, service):
-    logits = logits_of(client, [image_input([JPEGS[0]])])
+    result = client.infer(MODEL, [image_input([JPEGS[0]])], request_id="request-42")
+    assert (result.get_response().id, result.get_response().model_version) == ("request-42", "1")
+    logits = result.as_numpy("logits")
     assert logits.shape == (1, 1000)
     scores = softmax(logits[0])
     top = np.argsort(-scores, kind="stable")[:5]

@@ -413,6 +413,19 @@ def test_after_the_corpus_the_server_still_answers(channel):
     assert len(response.raw_output_contents[0]) == 4000
 
 
+def test_typed_contents_answer_as_raw_contents_do(channel, size):
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    raw = stub.ModelInfer(image(JPEG), timeout=30).raw_output_contents[0]
+    typed = request([tensor("image", "BYTES", [1], bytes_contents=[JPEG])])
+    assert stub.ModelInfer(typed, timeout=30).raw_output_contents[0] == raw
+    pixels_raw = stub.ModelInfer(pixels(size, data=np.ones(3 * size * size, "<f4").tobytes()), timeout=30)
+    pixels_typed = request(
+        [tensor("input", "FP32", [1, 3, size, size], fp32_contents=[1.0] * (3 * size * size))]
+    )
+    response = stub.ModelInfer(pixels_typed, timeout=30)
+    assert response.raw_output_contents[0] == pixels_raw.raw_output_contents[0]
+
+
 def test_a_method_the_service_does_not_serve_is_unimplemented(channel):
     error = raw_call(channel, "ModelStatistics", service_pb2.ModelStatisticsRequest(name=MODEL))
     assert error.code() == grpc.StatusCode.UNIMPLEMENTED
