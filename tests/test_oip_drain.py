@@ -1,6 +1,7 @@
-"""SIGTERM drains the gRPC port as it drains HTTP: with 16 Open Inference Protocol calls in flight
-against ``python -m service``, each is answered, a new call (on a new channel or the open one) gets
-UNAVAILABLE, and the process exits 0."""
+"""The gRPC server's life in ``python -m service``. SIGTERM drains the gRPC port as it drains HTTP:
+with 16 Open Inference Protocol calls in flight, each is answered, a new call (on a new channel or the
+open one) gets UNAVAILABLE, and the process exits 0. A GRPC_PORT that is taken, or the same as PORT,
+stops the start."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aio_grpcclient
 
 from contract.photos import encode, make_photo
+from service.config import ConfigError, load_settings
 from tests.live_server import ServiceProcess, free_socket, wait_ready
 
 pytestmark = pytest.mark.slow
@@ -88,3 +90,10 @@ def test_a_grpc_port_that_is_taken_fails_the_start_with_exit_3(fake_repo, tmp_pa
             service.stop()
     assert code == 3, service.output()[-3000:]
     assert "GRPC_PORT" in service.output()
+
+
+def test_grpc_port_must_differ_from_port_and_metrics_port():
+    for clash in ({"port": 8001}, {"metrics_port": 8001}):
+        with pytest.raises(ConfigError, match="GRPC_PORT"):
+            load_settings(grpc_port=8001, **clash)
+    assert load_settings(grpc_port=0, port=0).grpc_port == 0  # both chosen by the system

@@ -511,6 +511,30 @@ def test_the_clients_deadline_is_honoured_and_an_expired_call_never_runs(slow_se
     assert len(loader.runtimes[MODEL].batches) == 1, "the call whose deadline passed was run"
 
 
+def test_a_model_that_failed_to_load_is_unavailable_and_not_ready(fake_repo):
+    settings = serving_settings(fake_repo, grpc_port=0, models=(MODEL, "mobilenet_v1"), warmup=False)
+    app = create_app(settings, serve_grpc=True)
+    with LiveServer(app) as server:
+        wait_ready(server.url, allow_not_ready=True)
+        with grpcclient.InferenceServerClient(f"127.0.0.1:{app.state.grpc_server.port}") as client:
+            assert client.is_server_live() and not client.is_server_ready()
+            assert client.is_model_ready(MODEL) and not client.is_model_ready("mobilenet_v1")
+            inputs = [
+                grpcclient.InferInput("image", [1], "BYTES").set_data_from_numpy(
+                    np.array([JPEG], dtype=object)
+                )
+            ]
+            for call in (
+                lambda: client.infer("mobilenet_v1", inputs),
+                lambda: client.get_model_metadata("mobilenet_v1"),
+                lambda: client.get_model_config("mobilenet_v1"),
+            ):
+                with pytest.raises(grpcclient.InferenceServerException) as raised:
+                    call()
+                assert raised.value.status() == "StatusCode.UNAVAILABLE", raised.value.message()
+            assert client.infer(MODEL, inputs).as_numpy("logits").shape == (1, 1000)
+
+
 # --- bearer token --------------------------------------------------------------------------------------
 def test_with_auth_token_calls_need_the_authorization_metadata(fake_repo, tmp_path):
     with (
