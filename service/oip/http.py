@@ -12,9 +12,11 @@ stack as ``/classify`` is (past FastAPI's router and its per-request machinery).
 
 An inference takes a place in its model's line before its body is read (429 at the door, as for
 ``/classify``), reads the body once under ``MAX_BODY_BYTES`` and ``BODY_READ_TIMEOUT_S``, and is
-answered by ``service/oip/infer.py``. Errors are the protocol's ``{"error": "<message>"}``, rendered by
-:func:`error_response` only, with the status of :data:`service.oip.infer.STATUS`. Inference requests
-are counted in the ``classifier_*`` series under their model, and as ``oip-http`` by protocol.
+answered by ``service/oip/infer.py`` within ``REQUEST_TIMEOUT_S``, or the client's ``timeout``
+parameter (microseconds, as Triton's clients send it) when that is shorter. Errors are the protocol's
+``{"error": "<message>"}``, rendered by :func:`error_response` only, with the status of
+:data:`service.oip.infer.STATUS`. Inference requests are counted in the ``classifier_*`` series under
+their model, and as ``oip-http`` by protocol.
 """
 
 from __future__ import annotations
@@ -164,11 +166,14 @@ class OipRoutes:
                 )
                 body_read = True
                 request, binary_output = decode_request(body, header_length, served.name, version)
+                timeout_s = settings.request_timeout_s
+                if request.timeout_s is not None:  # the client's limit, within the server's
+                    timeout_s = min(timeout_s, request.timeout_s)
                 work = infer(
                     served,
                     request,
                     scope["app"].state.pipeline,
-                    deadline=started + settings.request_timeout_s,
+                    deadline=started + timeout_s,
                     request_id=scope["state"].get("request_id"),
                 )
                 response = await cancel_on_disconnect(Request(scope, receive), work)
@@ -230,9 +235,16 @@ def decode_request(
         request_id = document.get("id")
         if request_id is not None and not isinstance(request_id, str):
             raise TensorFormatError("'id' must be a string")
+        # Triton's request timeout, in microseconds (0: none), as its clients send it.
+        timeout_us = parameters.get("timeout", 0)
+        if isinstance(timeout_us, bool) or not isinstance(timeout_us, int) or timeout_us < 0:
+            raise TensorFormatError("timeout must be a number of microseconds >= 0")
     except TensorFormatError as exc:
         raise OipError(Kind.INVALID, str(exc)) from None
-    return InferenceRequest(model, version, decoded_inputs, decoded_outputs, request_id), binary_output
+    request = InferenceRequest(
+        model, version, decoded_inputs, decoded_outputs, request_id, timeout_us / 1e6 if timeout_us else None
+    )
+    return request, binary_output
 
 
 def _input(entry: object, sections: BinarySections) -> InputTensor:

@@ -153,6 +153,8 @@ class InferenceRequest:
     inputs: list[InputTensor]
     outputs: list[RequestedOutput] = field(default_factory=list)
     id: str | None = None
+    # The client's own time limit (Triton's ``timeout`` parameter); None: the server's alone.
+    timeout_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
