@@ -203,6 +203,7 @@ _SERVICE_VARIABLES = frozenset(
         "MAX_BODY_BYTES",
         "BODY_READ_TIMEOUT_S",
         "HEADER_TIMEOUT_S",
+        "MAX_HEADER_BYTES",
         "MAX_IMAGE_PIXELS",
         "INTRA_OP_THREADS",
         "INTER_OP_THREADS",
