@@ -1,7 +1,7 @@
 """``python -m service [--host H] [--port P]``: serve with uvicorn (uvloop + httptools), one process.
 
 No reload, no debug: uvicorn's reloader is never on, and FastAPI's debug tracebacks never reach a client.
-METRICS_PORT moves ``/metrics`` to a second listener (prometheus_client's, in a thread) for internal
+METRICS_PORT moves ``/metrics`` to a second listener (service/http/metrics_port.py, in a thread) for internal
 scraping. This is the one place the process itself is set up (logging, memory, SCRATCH_DIR for
 temporary files, the event loop's scheduling): ``service/process.py``.
 
@@ -23,10 +23,10 @@ import sys
 
 import uvicorn
 from fastapi import FastAPI
-from prometheus_client import start_http_server
 
 from service.app import create_app
 from service.config import ConfigError, Settings, load_settings
+from service.http.metrics_port import start_metrics_server
 from service.http.protocol import with_header_deadline
 from service.process import (
     configure_logging,
@@ -74,8 +74,11 @@ def serve(settings: Settings) -> int:
     metrics_server = None
     if settings.metrics_port is not None:
         try:
-            metrics_server, _ = start_http_server(
-                settings.metrics_port, settings.host, registry=app.state.metrics.registry
+            metrics_server = start_metrics_server(
+                settings.host,
+                settings.metrics_port,
+                app.state.metrics.registry,
+                max_header_bytes=settings.max_header_bytes,
             )
         except OSError as exc:
             log.error("cannot serve /metrics on %s:%d: %s", settings.host, settings.metrics_port, exc)

@@ -14,7 +14,7 @@ import pytest
 from contract.photos import photo_jpeg
 from service.errors import ERRORS
 from service.http.protocol import DEFAULT_MAX_HEADER_BYTES, headers_too_large_response
-from tests.live_server import ServiceProcess, wait_ready
+from tests.live_server import ServiceProcess, free_socket, wait_ready
 
 CAP = DEFAULT_MAX_HEADER_BYTES  # the default, so that the default is what is tested
 JPEG = photo_jpeg(320, 240, seed=4)
@@ -141,3 +141,33 @@ def test_a_kept_alive_connection_is_held_to_the_cap_on_every_request(service):
             answer += chunk
     assert_431(answer)
     assert "Traceback" not in service.output()
+
+
+@pytest.mark.slow
+def test_the_metrics_port_is_held_to_the_same_cap(fake_repo, tmp_path):
+    sock = free_socket()
+    metrics_port = sock.getsockname()[1]
+    sock.close()
+    process = ServiceProcess(
+        {
+            "MODEL_REPOSITORY": str(fake_repo),
+            "BACKEND": "onnxruntime-cpu",
+            "LOG_LEVEL": "WARNING",
+            "METRICS_PORT": str(metrics_port),
+        },
+        tmp_path / "service.log",
+    )
+    try:
+        wait_ready(process.url, timeout_s=60)
+        status, body = status_and_body(exchange(metrics_port, head_of_size(CAP, "GET", "/metrics", b"")))
+        assert status == 200 and b"classifier_requests_total" in body
+        assert_431(exchange(metrics_port, head_of_size(CAP + 1, "GET", "/metrics", b"")))
+        assert_431(exchange(metrics_port, head_of_size(1 << 20, "GET", "/metrics", b"")))
+        many = b"GET /metrics HTTP/1.1\r\nHost: t\r\n" + b"X-A: b\r\n" * 150_000 + b"\r\n"
+        assert_431(exchange(metrics_port, many))
+        # A request line alone over the cap.
+        assert_431(exchange(metrics_port, b"GET /metrics?" + b"a" * CAP + b" HTTP/1.1\r\n\r\n"))
+        status, _ = status_and_body(exchange(metrics_port, head_of_size(200, "GET", "/metrics", b"")))
+        assert status == 200  # and it serves on after refusing
+    finally:
+        process.stop()

@@ -98,19 +98,11 @@ class ClassifierStages:
 
 @dataclass(frozen=True, slots=True)
 class ImageResult:
+    """One image's answer (its top-k predictions, or for :data:`LOGITS` its float32 logits row) and
+    where its time went."""
+
     filename: str | None
-    predictions: list[dict]
-    decode_s: float
-    queue_s: float
-    inference_s: float
-    batch_size: int
-
-
-@dataclass(frozen=True, slots=True)
-class ImageOutput:
-    """One image's answer from :meth:`Pipeline.infer`: its logits row (float32) or its top-k predictions."""
-
-    output: np.ndarray | list[dict]
+    output: list[dict] | np.ndarray
     decode_s: float
     queue_s: float
     inference_s: float
@@ -133,22 +125,8 @@ class Pipeline:
         request_id: str | None = None,
     ) -> list[ImageResult]:
         """Top-k predictions for every upload, in order. The first failing image fails the request."""
-        return await _all([self._one(model, upload, top_k, deadline, request_id) for upload in uploads])
-
-    async def _one(
-        self, model: ServedModel, upload: Upload, top_k: int, deadline: float, request_id: str | None
-    ) -> ImageResult:
-        assert model.batcher is not None
-        result = await model.batcher.submit(ImageJob(upload, top_k), deadline=deadline, request_id=request_id)
-        self._metrics.observe_decode(model.name, result.prepare_s)
-        return ImageResult(
-            filename=upload.filename,
-            predictions=result.output,
-            decode_s=result.prepare_s,
-            queue_s=result.queue_s,
-            inference_s=result.inference_s,
-            batch_size=result.batch_size,
-        )
+        jobs = [ImageJob(upload, top_k) for upload in uploads]
+        return await _all([self._submit(model, job, deadline, request_id) for job in jobs])
 
     async def infer(
         self,
@@ -158,7 +136,7 @@ class Pipeline:
         top_k: int,
         deadline: float,
         request_id: str | None = None,
-    ) -> list[ImageOutput]:
+    ) -> list[ImageResult]:
         """Each image's logits row (``top_k`` :data:`LOGITS`) or top-k predictions, in order.
 
         ``images`` are encoded images (decoded as ``/classify`` decodes an upload), or an (N, 3, H, W)
@@ -171,16 +149,18 @@ class Pipeline:
         else:
             # Named by position, so that an error says which image of a batch it was.
             jobs = [ImageJob(Upload(f"image {i}", data, None), top_k) for i, data in enumerate(images)]
-        return await _all([self._infer_one(model, job, deadline, request_id) for job in jobs])
+        return await _all([self._submit(model, job, deadline, request_id) for job in jobs])
 
-    async def _infer_one(
+    async def _submit(
         self, model: ServedModel, job: ImageJob, deadline: float, request_id: str | None
-    ) -> ImageOutput:
+    ) -> ImageResult:
         assert model.batcher is not None
         result = await model.batcher.submit(job, deadline=deadline, request_id=request_id)
-        if job.upload is not None:  # a preprocessed image had nothing decoded
+        upload = job.upload
+        if upload is not None:  # a preprocessed image had nothing decoded
             self._metrics.observe_decode(model.name, result.prepare_s)
-        return ImageOutput(
+        return ImageResult(
+            filename=None if upload is None else upload.filename,
             output=result.output,
             decode_s=result.prepare_s,
             queue_s=result.queue_s,

@@ -147,7 +147,7 @@ async def classify(request: Request) -> Response:
         results = await cancel_on_disconnect(request, work)
     timings = _timings_ms(results, total_s=time.monotonic() - started)
     if request.headers.get("content-type", "").lower().startswith("multipart/"):
-        files: list[FileResult] = [{"filename": r.filename, "predictions": r.predictions} for r in results]
+        files: list[FileResult] = [{"filename": r.filename, "predictions": r.output} for r in results]
         body: Classification = {
             "model": served.name,
             "backend": served.runtime.name,
@@ -158,7 +158,7 @@ async def classify(request: Request) -> Response:
         body = {
             "model": served.name,
             "backend": served.runtime.name,
-            "predictions": results[0].predictions,
+            "predictions": results[0].output,
             "timings_ms": timings,
         }
     return ClassificationResponse(body)

@@ -28,6 +28,7 @@ from typing import TypeVar
 from python_multipart.exceptions import FormParserError, MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
+from starlette.types import Receive
 
 from service.core.pipeline import Upload
 from service.errors import (
@@ -52,7 +53,7 @@ async def read_uploads(
     request: Request, max_body_bytes: int, *, max_files: int, timeout_s: float
 ) -> list[Upload]:
     """The images in the request body: one for a raw body, one per ``file`` part for multipart."""
-    body = _Body(request, max_body_bytes)
+    body = _Body(request.receive, max_body_bytes)
     try:
         _refuse_declared_length(request.headers.get("content-length"), max_body_bytes)
         media_type, params = parse_options_header(request.headers.get("content-type"))
@@ -66,14 +67,31 @@ async def read_uploads(
                     return await _read_multipart(body.chunks(), parser, collector)
                 return [await _read_raw(body.chunks(), media_type)]
         except TimeoutError:
-            raise BodyReadTimeout(
-                f"the body did not arrive within {timeout_s:g} s (BODY_READ_TIMEOUT_S)"
-            ) from None
+            raise _too_slow(timeout_s) from None
     except ServiceError as exc:
         if not body.complete:
             # The rest of the body stays unread: only a fresh connection can carry the next request.
             exc.headers.setdefault("Connection", "close")
         raise
+
+
+async def read_body(
+    receive: Receive, content_length: str | None, max_body_bytes: int, timeout_s: float
+) -> bytes:
+    """The whole body (any media type), under the same cap and deadline as an upload's: raises
+    PayloadTooLarge, BodyReadTimeout or ClientDisconnected."""
+    _refuse_declared_length(content_length, max_body_bytes)
+    body = _Body(receive, max_body_bytes)
+    try:
+        async with asyncio.timeout(timeout_s):
+            parts = [chunk async for chunk in body.chunks()]
+    except TimeoutError:
+        raise _too_slow(timeout_s) from None
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _too_slow(timeout_s: float) -> BodyReadTimeout:
+    return BodyReadTimeout(f"the body did not arrive within {timeout_s:g} s (BODY_READ_TIMEOUT_S)")
 
 
 async def _read_raw(chunks: AsyncIterator[bytes], media_type: bytes) -> Upload:
@@ -129,14 +147,14 @@ def _refuse_declared_length(header: str | None, max_body_bytes: int) -> None:
     except ValueError:
         return  # the HTTP server has already rejected a malformed Content-Length
     if declared > max_body_bytes:
-        raise PayloadTooLarge(f"the body is {declared} bytes; the limit is {max_body_bytes}")
+        raise PayloadTooLarge(f"the body is {declared} bytes; the limit is {max_body_bytes} (MAX_BODY_BYTES)")
 
 
 class _Body:
     """The request body as a stream of chunks under the size cap; ``complete`` once all arrived."""
 
-    def __init__(self, request: Request, max_body_bytes: int) -> None:
-        self._request = request
+    def __init__(self, receive: Receive, max_body_bytes: int) -> None:
+        self._receive = receive
         self._max_body_bytes = max_body_bytes
         self.complete = False
 
@@ -144,7 +162,7 @@ class _Body:
         # The ASGI messages themselves, not Starlette's request.stream(): one generator fewer on
         # every request's path, and a disconnect is seen as itself.
         received = 0
-        receive = self._request.receive
+        receive = self._receive
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
@@ -152,7 +170,9 @@ class _Body:
             chunk = message.get("body", b"")
             received += len(chunk)
             if received > self._max_body_bytes:
-                raise PayloadTooLarge(f"the body is over the limit of {self._max_body_bytes} bytes")
+                raise PayloadTooLarge(
+                    f"the body is over the limit of {self._max_body_bytes} bytes (MAX_BODY_BYTES)"
+                )
             if chunk:
                 yield chunk
             if not message.get("more_body", False):

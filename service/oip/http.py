@@ -21,7 +21,6 @@ their model, and as ``oip-http`` by protocol.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from typing import Any
@@ -33,8 +32,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from service.config import Settings
 from service.core.metrics import OIP_HTTP, Metrics
 from service.core.repository import ModelRepository, ModelStatus
-from service.errors import ClientDisconnected, ServiceError, shown
-from service.http.uploads import cancel_on_disconnect
+from service.errors import BodyReadTimeout, ClientDisconnected, PayloadTooLarge, ServiceError, shown
+from service.http.uploads import cancel_on_disconnect, read_body
 from service.oip import model as oip_model
 from service.oip.infer import (
     InferenceRequest,
@@ -356,34 +355,13 @@ def _unknown_model(repository: ModelRepository, name: str) -> OipError:
 
 
 async def _read_body(receive: Receive, declared: bytes | None, limit: int, timeout_s: float) -> bytes:
-    """The whole body, at most ``limit`` bytes whatever Content-Length says, within ``timeout_s``."""
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise OipError(
-            Kind.TOO_LARGE, f"the body is {int(declared)} bytes; the limit is {limit} (MAX_BODY_BYTES)"
-        )
-    chunks: list[bytes] = []
-    received = 0
+    """The whole body, read as /classify reads one (the same cap and deadline), errors in OIP's terms."""
     try:
-        async with asyncio.timeout(timeout_s):
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    raise ClientDisconnected("the client disconnected before sending the whole body")
-                chunk = message.get("body", b"")
-                received += len(chunk)
-                if received > limit:
-                    raise OipError(
-                        Kind.TOO_LARGE, f"the body is over the limit of {limit} bytes (MAX_BODY_BYTES)"
-                    )
-                if chunk:
-                    chunks.append(chunk)
-                if not message.get("more_body", False):
-                    break
-    except TimeoutError:
-        raise OipError(
-            Kind.SLOW_BODY, f"the body did not arrive within {timeout_s:g} s (BODY_READ_TIMEOUT_S)"
-        ) from None
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        return await read_body(
+            receive, None if declared is None else declared.decode("latin-1"), limit, timeout_s
+        )
+    except (PayloadTooLarge, BodyReadTimeout) as exc:
+        raise from_service_error(exc) from None
 
 
 def _json(document: object) -> bytes:

@@ -30,6 +30,7 @@ import numpy as np
 from service.core.pipeline import LOGITS, Pipeline
 from service.core.repository import ServedModel
 from service.errors import (
+    BodyReadTimeout,
     ModelUnavailable,
     Overloaded,
     PayloadTooLarge,
@@ -113,6 +114,7 @@ _KIND_OF_SERVICE_ERROR: dict[type[ServiceError], Kind] = {
     Overloaded: Kind.OVERLOADED,
     RequestTimeout: Kind.TIMEOUT,
     PayloadTooLarge: Kind.TOO_LARGE,
+    BodyReadTimeout: Kind.SLOW_BODY,
     Unauthorized: Kind.UNAUTHENTICATED,
 }
 
