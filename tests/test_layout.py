@@ -64,7 +64,7 @@ def test_import_direction(where):
 
 # Inside the server: the shared core knows no front door, and the batcher no HTTP and no images.
 CORE_FORBIDDEN: dict[str, set[str]] = {
-    "service/core": {"service.http", "fastapi", "starlette", "uvicorn"},
+    "service/core": {"service.http", "service.oip", "fastapi", "starlette", "uvicorn", "grpc"},
     "service/core/batcher.py": {"service.http", "service.core.imaging", "service.core.pipeline", "PIL"},
 }
 
