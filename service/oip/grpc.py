@@ -42,7 +42,7 @@ from tritonclient.grpc import model_config_pb2, service_pb2
 from service.config import Settings
 from service.core.metrics import OIP_GRPC, Metrics
 from service.core.pipeline import Pipeline
-from service.core.repository import ModelRepository, ModelStatus, ServedModel
+from service.core.repository import ModelRepository, ModelStatus
 from service.errors import ClientDisconnected, InternalError, shown
 from service.http.middleware import new_request_id
 from service.logs import request_id_var
@@ -55,7 +55,8 @@ from service.oip.infer import (
     OipError,
     RequestedOutput,
     admit_and_infer,
-    check_version,
+    configured_model,
+    model_metadata,
     served_model,
 )
 from service.oip.tensors import BYTES, FP32, TensorFormatError, check_shape, serialize_bytes
@@ -190,7 +191,7 @@ class InferenceServicer:
     async def model_ready(self, raw: bytes, context: grpc.aio.ServicerContext) -> Message:
         try:
             request = _parse(service_pb2.ModelReadyRequest, raw)
-            model = self._known_model(request.name, request.version or None)
+            model = configured_model(self._repository, request.name, request.version or None)
         except OipError as exc:
             await _abort(context, exc)
         return service_pb2.ModelReadyResponse(ready=model.status is ModelStatus.READY)
@@ -198,22 +199,12 @@ class InferenceServicer:
     async def model_metadata(self, raw: bytes, context: grpc.aio.ServicerContext) -> Message:
         try:
             request = _parse(service_pb2.ModelMetadataRequest, raw)
-            model = self._known_model(request.name, request.version or None)
-            if model.manifest is None:  # not read yet, or unreadable: nothing true to say
-                detail = f": {model.reason}" if model.reason else ""
-                raise OipError(Kind.UNAVAILABLE, f"model {model.name} is {model.status.value}{detail}")
+            metadata = model_metadata(
+                configured_model(self._repository, request.name, request.version or None)
+            )
         except OipError as exc:
             await _abort(context, exc)
-        return service_pb2.ModelMetadataResponse(**oip_model.model_metadata(model))
-
-    def _known_model(self, name: str, version: str | None) -> ServedModel:
-        """A configured model, ready or not; NOT_FOUND for another name or version."""
-        model = self._repository.models.get(name)
-        if model is None:
-            available = ", ".join(self._repository.models) or "(none configured)"
-            raise OipError(Kind.NOT_FOUND, f"unknown model {shown(name)}; available models: {available}")
-        check_version(model.name, version)
-        return model
+        return service_pb2.ModelMetadataResponse(**metadata)
 
     async def model_config(self, raw: bytes, context: grpc.aio.ServicerContext) -> Message:
         try:

@@ -42,9 +42,10 @@ from service.oip.infer import (
     Kind,
     OipError,
     RequestedOutput,
-    check_version,
+    configured_model,
     from_service_error,
     infer,
+    model_metadata,
     served_model,
 )
 from service.oip.tensors import (
@@ -107,20 +108,14 @@ class OipRoutes:
             name, rest, version = _model_path(segments)
             if rest in ([], ["ready"], ["config"]):
                 _only_get(method, path)
-                model = repository.models.get(name)
-                if model is None:
-                    raise _unknown_model(repository, name)
-                check_version(model.name, version)
+                model = configured_model(repository, name, version)
                 if rest == ["ready"]:
                     return (200 if model.status is ModelStatus.READY else 400), b""
                 if rest == ["config"]:
                     served = served_model(repository, name, version)
                     config = oip_model.model_config(served, request_timeout_s=self.settings.request_timeout_s)
                     return 200, _json(config)
-                if model.manifest is None:
-                    detail = f": {model.reason}" if model.reason else ""
-                    raise OipError(Kind.UNAVAILABLE, f"model {model.name} is {model.status.value}{detail}")
-                return 200, _json(oip_model.model_metadata(model))
+                return 200, _json(model_metadata(model))
         raise OipError(Kind.NOT_FOUND, f"no route {method} {shown(path)}")
 
     # --- inference ------------------------------------------------------------------------------------
@@ -345,12 +340,6 @@ def _only_get(method: str, path: str) -> None:
 def _method_not_allowed(method: str, path: str, allowed: str) -> OipError:
     return OipError(
         Kind.NOT_ALLOWED, f"{shown(path)} answers {allowed}, not {shown(method)}", {"Allow": allowed}
-    )
-
-
-def _unknown_model(repository: ModelRepository, name: str) -> OipError:
-    return OipError(
-        Kind.NOT_FOUND, f"unknown model {shown(name)}; available models: {', '.join(repository.models)}"
     )
 
 

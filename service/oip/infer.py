@@ -189,6 +189,26 @@ def served_model(repository: Any, name: str, version: str | None) -> ServedModel
     return served
 
 
+def configured_model(repository: Any, name: str, version: str | None) -> ServedModel:
+    """The configured model ``name`` at ``version``, ready or not (for readiness and metadata):
+    NOT_FOUND for another name or version."""
+    model = repository.models.get(name)
+    if model is None:
+        available = ", ".join(repository.models) or "(none configured)"
+        raise OipError(Kind.NOT_FOUND, f"unknown model {shown(name)}; available models: {available}")
+    check_version(model.name, version)
+    return model
+
+
+def model_metadata(model: ServedModel) -> dict[str, Any]:
+    """The model's metadata; UNAVAILABLE while its manifest is unread or unreadable (nothing true to
+    say yet)."""
+    if model.manifest is None:
+        detail = f": {model.reason}" if model.reason else ""
+        raise OipError(Kind.UNAVAILABLE, f"model {model.name} is {model.status.value}{detail}")
+    return oip_model.model_metadata(model)
+
+
 def check_version(name: str, version: str | None) -> None:
     if not oip_model.has_version(version):
         raise OipError(
