@@ -36,7 +36,7 @@ run: models
 
 # In-process runtime cost, the served path under the load generator (/classify, and the Open Inference
 # Protocol over HTTP and gRPC beside it), the ratio between them, the ShuffleNet v2 experiments; report,
-# chart and JSON in benchmarks/results/<timestamp>/ (~18 min on 2 cores).
+# chart and JSON in benchmarks/results/<timestamp>/ (17 min on 2 cores without the experiments, which add a few).
 .PHONY: bench
 bench: models
 	$(PY) build_engines.py --models $(MODELS) --weights $(WEIGHTS) --out $(REPO) --precision fp16 int8
