@@ -47,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.text_table import text_table
 from contract.zoo import DEFAULT_MODELS, split_precision
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -222,9 +223,7 @@ def format_table(results: list[Result], batch_sizes: list[int]) -> str:
         else:
             row += ["-", "-"] + ["-"] * len(batch_sizes)
         lines.append(row)
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in lines]
-    text.insert(1, "  ".join("-" * w for w in widths))
+    text = text_table(lines).split("\n")
     reasons = [f"  {r.name} on {r.backend}: {r.reason}" for r in results if r.status != "ok"]
     if reasons:
         text += ["", "not run:", *reasons]
@@ -304,9 +303,7 @@ def format_verdict(rows: list[dict], batch_sizes: list[int]) -> str:
             line += ["-", "-", "-", "-", "-"]
         line.append(row["status"])
         lines.append(line)
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in lines]
-    text.insert(1, "  ".join("-" * w for w in widths))
+    text = text_table(lines).split("\n")
     bars = ", ".join(
         f"{p} top-1 >= {MIN_TOP1[p]:.0%} and max|diff| <= {LOGIT_RTOL[p]:g} x max|logit|"
         for p in dict.fromkeys(row["precision"] for row in rows)
