@@ -16,13 +16,31 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, GetCoreSchemaHandler, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    GetCoreSchemaHandler,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import core_schema
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from contract.gpu import GPU_OPT_BATCH
+from contract.zoo import split_precision
 from service.core.cpus import cpu_count
 from service.core.runtimes.base import DEFAULT_ENGINE_CACHE_NAME
+from service.model_config import (
+    ExecutionMode,
+    MaxBatchSize,
+    MaxConcurrentBatches,
+    MaxQueueDelayMs,
+    ModelConfigFile,
+    ModelSection,
+    OpThreads,
+)
 
 Backend = Literal["auto", "tensorrt", "onnxruntime-tensorrt", "onnxruntime-cuda", "onnxruntime-cpu"]
 BACKENDS: tuple[str, ...] = typing.get_args(Backend)
@@ -47,6 +65,27 @@ class BatchingPolicy:
 # max_concurrent_batches 0: one per core, plus one.
 CPU_BATCHING = BatchingPolicy(max_batch_size=1, max_queue_delay_ms=0.0, max_concurrent_batches=0)
 GPU_BATCHING = BatchingPolicy(max_batch_size=GPU_OPT_BATCH, max_queue_delay_ms=2.0, max_concurrent_batches=2)
+
+
+# Where a model's setting came from (``ModelSettings.sources``).
+Source = Literal["environment", "file", "default"]
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """The settings in force for one model on one backend (``Settings.for_model``)."""
+
+    batching: BatchingPolicy
+    intra_op_threads: int
+    inter_op_threads: int
+    execution_mode: str
+    precision: str
+    # MAX_BATCH_SIZE as asked (file or environment), None when neither: GPU backends size their
+    # optimization profiles from it, or from their own default.
+    max_batch_size_asked: int | None
+    # Each key of the model's table (service/model_config.py) -> where its value came from.
+    sources: Mapping[str, Source]
+    model_config_file: str | None = None  # MODEL_CONFIG, when set
 
 
 class ConfigError(ValueError):
@@ -128,13 +167,18 @@ class Settings(BaseSettings):
     # One backend for every model (``auto``), or a default plus per-model overrides:
     # ``auto,mobilenet_v2=tensorrt``. Normalised to ``default[,name=backend...]``; see backend_for().
     backend: BackendChoice = BackendChoice("auto")
+    # MODEL_CONFIG: a TOML file of per-model settings (service/model_config.py), read once, here; a
+    # variable set in the environment wins over it. (``model_config`` is pydantic's own attribute.)
+    model_config_file: ModelConfigFile | None = Field(
+        None, validation_alias=AliasChoices("model_config", "model_config_file")
+    )
 
     # --- dynamic batching and admission ----------------------------------------------------
     # Unset: the backend's default (CPU_BATCHING / GPU_BATCHING above).
-    max_batch_size: int | None = Field(None, ge=1, le=256)
-    max_queue_delay_ms: float | None = Field(None, ge=0, le=10_000)
+    max_batch_size: MaxBatchSize | None = None
+    max_queue_delay_ms: MaxQueueDelayMs | None = None
     # Batches of one model that may run at the same time; 0 means one per CPU core, plus one.
-    max_concurrent_batches: int | None = Field(None, ge=0)
+    max_concurrent_batches: MaxConcurrentBatches | None = None
     max_queue_size: int = Field(64, ge=1)
     request_timeout_s: float = Field(10.0, gt=0)
 
@@ -152,9 +196,9 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1)
 
     # --- ONNX Runtime and thread pools ---------------------------------------------------------
-    intra_op_threads: int = Field(1, ge=0, description="0: ONNX Runtime's default (one per core)")
-    inter_op_threads: int = Field(1, ge=0)
-    execution_mode: Literal["sequential", "parallel"] = "sequential"
+    intra_op_threads: OpThreads = Field(1, description="0: ONNX Runtime's default (one per core)")
+    inter_op_threads: OpThreads = 1
+    execution_mode: ExecutionMode = "sequential"
     decode_threads: int = Field(0, ge=0, description="0: one per CPU core")
     warmup: bool = True
 
@@ -269,17 +313,52 @@ class Settings(BaseSettings):
         return self.decode_threads or cpu_count()
 
     def batching_for(self, backend: str) -> BatchingPolicy:
-        """The batching policy for a model running on ``backend``: the settings over its defaults."""
-        default = GPU_BATCHING if backend in GPU_BACKENDS else CPU_BATCHING
+        """The batching policy on ``backend`` of a model that MODEL_CONFIG does not name: the variables
+        over the backend's defaults."""
+        return self.for_model("", backend).batching
 
-        def pick(value: float | None, fallback: float) -> float:
-            return fallback if value is None else value
-
-        return BatchingPolicy(
-            max_batch_size=int(pick(self.max_batch_size, default.max_batch_size)),
-            max_queue_delay_ms=float(pick(self.max_queue_delay_ms, default.max_queue_delay_ms)),
-            max_concurrent_batches=int(pick(self.max_concurrent_batches, default.max_concurrent_batches))
-            or cpu_count() + 1,
+    def for_model(self, name: str, backend: str) -> ModelSettings:
+        """The settings in force for model ``name`` (as clients spell it) running on ``backend``: each
+        key from the environment where its variable is set, else from the model's MODEL_CONFIG table,
+        else the default (the backend's, for batching). The one place these three meet."""
+        section = ModelSection()
+        if self.model_config_file is not None:
+            section = self.model_config_file.sections.get(name, section)
+        in_file = section.given()
+        defaults = GPU_BATCHING if backend in GPU_BACKENDS else CPU_BATCHING
+        default_values = {
+            "max_batch_size": defaults.max_batch_size,
+            "max_queue_delay_ms": defaults.max_queue_delay_ms,
+            "max_concurrent_batches": defaults.max_concurrent_batches,
+            "intra_op_threads": type(self).model_fields["intra_op_threads"].default,
+            "inter_op_threads": type(self).model_fields["inter_op_threads"].default,
+            "execution_mode": type(self).model_fields["execution_mode"].default,
+            "precision": split_precision(name)[1] if name else "fp32",
+        }
+        values: dict[str, Any] = {}
+        sources: dict[str, Source] = {}
+        for key, default in default_values.items():
+            # Only a variable that was set wins (precision has none: the name's suffix or the file).
+            if key in self.model_fields_set and getattr(self, key) is not None:
+                values[key], sources[key] = getattr(self, key), "environment"
+            elif key in in_file:
+                values[key], sources[key] = in_file[key], "file"
+            else:
+                values[key], sources[key] = default, "default"
+        asked = values["max_batch_size"] if sources["max_batch_size"] != "default" else None
+        return ModelSettings(
+            batching=BatchingPolicy(
+                max_batch_size=int(values["max_batch_size"]),
+                max_queue_delay_ms=float(values["max_queue_delay_ms"]),
+                max_concurrent_batches=int(values["max_concurrent_batches"]) or cpu_count() + 1,
+            ),
+            intra_op_threads=values["intra_op_threads"],
+            inter_op_threads=values["inter_op_threads"],
+            execution_mode=values["execution_mode"],
+            precision=values["precision"],
+            max_batch_size_asked=asked,
+            sources=MappingProxyType(sources),
+            model_config_file=None if self.model_config_file is None else str(self.model_config_file),
         )
 
 
@@ -306,6 +385,9 @@ def load_settings(**overrides: object) -> Settings:
             variable = "_".join(str(part) for part in error["loc"][:1]).upper()
             if not variable:  # a check across variables: its message names them
                 problems.append(error["msg"].removeprefix("Value error, "))
+                continue
+            if variable == "MODEL_CONFIG":  # the message names the file, the table, the key and the value
+                problems.append(f"{variable}: {error['msg'].removeprefix('Value error, ')}")
                 continue
             given = "a secret" if variable == "AUTH_TOKEN" else repr(error.get("input"))
             problems.append(f"{variable}: {error['msg']} (got {given})")

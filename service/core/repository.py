@@ -26,7 +26,7 @@ from pydantic import ValidationError
 
 from contract.manifest import MANIFEST_FILE, Manifest
 from contract.zoo import DEFAULT_MODELS, UnknownModelError, split_precision
-from service.config import Settings
+from service.config import ModelSettings, Settings
 from service.core.batcher import Batcher
 from service.core.fair_pool import FairPool
 from service.core.metrics import Metrics
@@ -59,6 +59,9 @@ class ServedModel:
     runtime: Runtime | None = None
     batcher: Batcher | None = None
     load_seconds: float | None = None
+    # What it runs with (Settings.for_model): for the backend asked until its runtime has loaded, then
+    # for the runtime's.
+    settings: ModelSettings | None = None
 
 
 class ModelLoadFailed(Exception):
@@ -112,18 +115,30 @@ class ModelRepository:
         self.models: dict[str, ServedModel] = {}
         for name in names:
             try:
-                base, precision = split_precision(name)
+                base, _ = split_precision(name)
             except UnknownModelError as exc:
                 self.models[name] = ServedModel(
                     name, settings.model_repository / name, "fp32", ModelStatus.FAILED, str(exc)
                 )
                 continue
-            self.models[name] = ServedModel(name, settings.model_repository / base, precision)
+            # MODEL_CONFIG may serve another build under the plain name ([mobilenet_v2] precision = "int8").
+            in_force = settings.for_model(name, settings.backend_for(name))
+            self.models[name] = ServedModel(
+                name, settings.model_repository / base, in_force.precision, settings=in_force
+            )
         unused = [name for name in settings.backend_overrides if name not in self.models]
         if unused:
             log.warning(
                 "BACKEND names models that are not served: %s (served: %s)",
                 ", ".join(unused),
+                ", ".join(self.models) or "none",
+            )
+        tables = settings.model_config_file.sections if settings.model_config_file is not None else {}
+        if unused_tables := [name for name in tables if name not in self.models]:
+            log.warning(
+                "MODEL_CONFIG %s has tables for models that are not served: %s (served: %s)",
+                settings.model_config_file,
+                ", ".join(unused_tables),
                 ", ".join(self.models) or "none",
             )
 
@@ -192,15 +207,16 @@ class ModelRepository:
         model.manifest = manifest
         _check_manifest(model, manifest)
         settings = self._settings
+        backend = settings.backend_for(model.name)
+        asked = settings.for_model(model.name, backend)
         options = RuntimeOptions(
-            intra_op_threads=settings.intra_op_threads,
-            inter_op_threads=settings.inter_op_threads,
-            execution_mode=settings.execution_mode,
-            max_batch_size=settings.max_batch_size,
+            intra_op_threads=asked.intra_op_threads,
+            inter_op_threads=asked.inter_op_threads,
+            execution_mode=asked.execution_mode,
+            max_batch_size=asked.max_batch_size_asked,
             engine_cache_dir=settings.engine_cache_path,
             allow_tf32=settings.allow_tf32,
         )
-        backend = settings.backend_for(model.name)
         try:
             runtime = self._loader(
                 model.directory,
@@ -213,16 +229,17 @@ class ModelRepository:
             raise ModelLoadFailed(ModelStatus.UNAVAILABLE, f"backend {backend}: {exc}") from exc
         except RuntimeLoadError as exc:
             raise ModelLoadFailed(ModelStatus.FAILED, str(exc)) from exc
+        model.settings = settings.for_model(model.name, runtime.name)
         if settings.warmup:
             try:
-                _warm_up(runtime, manifest, settings.batching_for(runtime.name).max_batch_size)
+                _warm_up(runtime, manifest, model.settings.batching.max_batch_size)
             except Exception as exc:
                 runtime.close()
                 raise ModelLoadFailed(ModelStatus.FAILED, f"warm-up failed: {exc}") from exc
         return manifest, runtime
 
     def _serve(self, model: ServedModel, manifest: Manifest, runtime: Runtime, load_seconds: float) -> None:
-        policy = self._settings.batching_for(runtime.name)
+        policy = self._settings.for_model(model.name, runtime.name).batching
         batcher = Batcher(
             model.name,
             runtime,

@@ -3,6 +3,7 @@ page. Each reads the repository's state and answers it; none does work of its ow
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from functools import cache
 from importlib import resources
 
@@ -119,6 +120,17 @@ def describe(model: ServedModel, *, detail: bool) -> dict:
         }
     if model.load_seconds is not None:
         entry["load_seconds"] = round(model.load_seconds, 3)
+    if model.settings is not None:
+        in_force = model.settings
+        entry["settings"] = {
+            **asdict(in_force.batching),
+            "intra_op_threads": in_force.intra_op_threads,
+            "inter_op_threads": in_force.inter_op_threads,
+            "execution_mode": in_force.execution_mode,
+            "precision": in_force.precision,
+            "sources": dict(in_force.sources),
+            "model_config_file": in_force.model_config_file,
+        }
     if model.batcher is not None:
         batcher = model.batcher
         entry["batching"] = {

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import (
     Annotated,
     Any,
+    Literal,
     NotRequired,  # pydantic needs these on Python < 3.12
 )
 
@@ -69,6 +70,22 @@ class Classification(TypedDict):
     timings_ms: Timings
 
 
+class ModelSettingsEntry(BaseModel):
+    """The settings a model runs with, and where each came from."""
+
+    max_batch_size: int
+    max_queue_delay_ms: float
+    max_concurrent_batches: int
+    intra_op_threads: int
+    inter_op_threads: int
+    execution_mode: str
+    precision: str
+    sources: dict[str, Literal["environment", "file", "default"]] = Field(
+        description="per key: a variable set in the environment, the MODEL_CONFIG file, or the default"
+    )
+    model_config_file: str | None = Field(description="MODEL_CONFIG, when set")
+
+
 class ModelEntry(BaseModel):
     """Manifest facts and runtime state; the detail view adds labels, tensors and tool versions."""
 
@@ -76,6 +93,9 @@ class ModelEntry(BaseModel):
     name: str
     status: str = Field(description="loading, ready, failed or unavailable")
     reason: str | None = None
+    settings: ModelSettingsEntry | None = Field(
+        None, description="the settings in force (for the backend asked, until the model has loaded)"
+    )
 
 
 class ModelList(BaseModel):
