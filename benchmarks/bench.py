@@ -38,6 +38,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -142,7 +143,9 @@ def _loadavg() -> str:
 class Server:
     """``python -m service`` on a free local port, for the length of a ``with`` block."""
 
-    def __init__(self, repository: Path, models: list[str], log_path: Path) -> None:
+    def __init__(
+        self, repository: Path, models: list[str], log_path: Path, env: Mapping[str, str | None] | None = None
+    ) -> None:
         self.port, self.grpc_port = _free_port(), _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.grpc_url = f"127.0.0.1:{self.grpc_port}"
@@ -155,6 +158,12 @@ class Server:
             "LOG_LEVEL": os.environ.get("LOG_LEVEL", "WARNING"),
             "PYTHONUNBUFFERED": "1",
         }
+        # The caller's own variables over those (None: removed), e.g. make tune's MODEL_CONFIG.
+        for name, value in (env or {}).items():
+            if value is None:
+                self.env.pop(name, None)
+            else:
+                self.env[name] = value
         self.log_path = log_path
         self.process: subprocess.Popen | None = None
 

@@ -193,6 +193,7 @@ _SERVICE_VARIABLES = frozenset(
     {
         "MODEL_REPOSITORY",
         "MODELS",
+        "MODEL_CONFIG",
         "BACKEND",
         "MAX_BATCH_SIZE",
         "MAX_QUEUE_DELAY_MS",
