@@ -14,6 +14,7 @@ help:
 	@echo "make run    - create .venv, install, build the model repository, serve on :$(PORT)"
 	@echo "make test   - create .venv, install, run ruff and the whole test suite"
 	@echo "make bench  - in-process and served speed of every model, report under benchmarks/results/"
+	@echo "make tune   - the best batching, threads and precision per model on this machine -> MODEL_CONFIG file"
 	@echo "make models - (re)build the model repository only (WEIGHTS=auto|imagenet|random|PATH)"
 	@echo "make audit  - pip-audit the runtime dependencies (known vulnerabilities; needs network access)"
 	@echo "make soak   - a real server under steady mixed load for SOAK_S seconds (default 600): errors, p99, memory"
@@ -41,6 +42,18 @@ run: models
 bench: models
 	$(PY) build_engines.py --models $(MODELS) --weights $(WEIGHTS) --out $(REPO) --precision fp16 int8
 	$(PY) -m benchmarks.bench --repository $(REPO) --models $(MODELS)
+
+# The best batching, threads and precision of each model on this machine (benchmarks/tune.py): the real
+# server under the load generator, a pruned search within TUNE_BUDGET_S seconds per model (the four
+# models in about 15 minutes on 2 cores), TUNE_P99_MS a p99 bound (none: the most requests/s).
+# Writes model_config.toml (serve with MODEL_CONFIG=...), report.md and tune.png under benchmarks/results/.
+TUNE_BUDGET_S ?= 210
+TUNE_P99_MS   ?=
+.PHONY: tune
+tune: models
+	$(PY) build_engines.py --models $(MODELS) --weights $(WEIGHTS) --out $(REPO) --precision fp16 int8
+	$(PY) -m benchmarks.tune --repository $(REPO) --models $(MODELS) --budget-s $(TUNE_BUDGET_S) \
+		$(if $(TUNE_P99_MS),--p99-ms $(TUNE_P99_MS))
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

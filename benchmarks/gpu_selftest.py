@@ -395,6 +395,12 @@ def main(argv: list[str] | None = None) -> int:
         print("SELF-TEST FAILED:\n  " + "\n  ".join(problems))
         return 1
     print("SELF-TEST PASSED")
+    # The defaults are a starting point; the batching that suits this GPU is measured, not guessed.
+    print(
+        "next: the serving configuration for this GPU, measured by the real server under load:\n"
+        f"  python -m benchmarks.tune --repository {args.repository} --models {' '.join(args.models)}\n"
+        "  then serve with MODEL_CONFIG=<the model_config.toml it writes>"
+    )
     return 0
 
 

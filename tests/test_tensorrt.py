@@ -778,6 +778,8 @@ def test_gpu_selftest_procedure_runs_on_the_cpu_backend_and_fails_loudly_without
     out = capsys.readouterr().out
     assert code == 0 and "SELF-TEST PASSED" in out
     assert "mobilenet_v2  onnxruntime-cpu  ok      100.0%" in out
+    # The next step it points to: the configuration for this machine, measured.
+    assert f"python -m benchmarks.tune --repository {root} --models mobilenet_v2" in out
     report = __import__("json").loads((tmp_path / "cpu.json").read_text())
     (result,) = report["results"]
     assert set(result["speed"]) == {"1", "3"} and result["speed"]["3"]["images_per_s"] > 0
