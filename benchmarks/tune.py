@@ -65,6 +65,8 @@ TUNED_VARIABLES = (
     "EXECUTION_MODE",
     "MODEL_CONFIG",
 )
+# The trial servers listen on loopback for the load generator alone: no token, /metrics on their port.
+UNSET_FOR_TRIALS = ("AUTH_TOKEN", "AUTH_TOKEN_FILE", "METRICS_PORT")
 
 
 @dataclass(frozen=True)
@@ -168,7 +170,7 @@ class Trials:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.count = 0
         # Set in the environment, the tuned variables would win over every trial's file.
-        self.env: dict[str, str | None] = {name: None for name in TUNED_VARIABLES}
+        self.env: dict[str, str | None] = {name: None for name in (*TUNED_VARIABLES, *UNSET_FOR_TRIALS)}
 
     def probe(self) -> dict:
         """The model served with the server's defaults: its entry in /models (backend, precision)."""
@@ -349,9 +351,10 @@ def model_config_text(results: dict) -> str:
     )
     sections = {}
     for model, found in results["models"].items():
-        margin = found["margin"]
         verdict = (
-            "the defaults were best" if found["chosen_is_default"] else f"x{margin:.2f} over the defaults"
+            "the defaults were best"
+            if found["chosen_is_default"]
+            else f"{tune_report.margin_text(found)} over the defaults"
         )
         comments += (f"{model} on {found['backend']}: {verdict}.",)
         sections[model] = found["chosen"]
@@ -412,7 +415,7 @@ def summary_table(results: dict) -> str:
                 found["backend"],
                 tune_report.median_range(default, "requests_per_s"),
                 tune_report.median_range(chosen, "requests_per_s"),
-                "defaults best" if found["chosen_is_default"] else f"x{found['margin']:.2f}",
+                "defaults best" if found["chosen_is_default"] else tune_report.margin_text(found),
                 _describe(found["chosen"]),
             ]
         )

@@ -36,6 +36,17 @@ def confirmed(found: dict, config: dict) -> list[dict]:
     return []
 
 
+def _overlap(default: list[dict], chosen: list[dict]) -> bool:
+    """Whether the chosen configuration's worst round was no better than the defaults' best."""
+    ours, theirs = _level_values(chosen, "requests_per_s"), _level_values(default, "requests_per_s")
+    return bool(ours and theirs) and min(ours) <= max(theirs)
+
+
+def margin_text(found: dict) -> str:
+    """The chosen configuration's requests/s over the defaults', as ``x1.23`` (``x?``: not measured)."""
+    return "x?" if found["margin"] is None else f"x{found['margin']:.2f}"
+
+
 def _level_values(samples: list[dict], key: str, concurrency: int | None = None) -> list[float]:
     values = []
     for sample in samples:
@@ -94,12 +105,18 @@ def markdown(results: dict) -> str:
         "",
         f"Written: `{results.get('model_config', '?')}`.",
         "",
+        "Margin: the chosen configuration's median requests/s over the defaults', from the same rounds; "
+        "'ranges overlap' where its worst round was no better than the defaults' best (a noisy machine: "
+        "measure again, or with a larger --budget-s, before trusting a small margin).",
+        "",
     ]
     summary = []
     for model, found in results["models"].items():
         default = confirmed(found, found["default"])
         chosen = confirmed(found, found["chosen"])
-        verdict = "defaults best" if found["chosen_is_default"] else f"x{found['margin']:.2f}"
+        verdict = "defaults best" if found["chosen_is_default"] else margin_text(found)
+        if not found["chosen_is_default"] and _overlap(default, chosen):
+            verdict += " (ranges overlap)"
         summary.append(
             [
                 model,
@@ -134,7 +151,8 @@ def markdown(results: dict) -> str:
             "Finalists (confirmation):",
             "",
         ]
-        header = [_SHORT.get(n, n) for n in names]
+        settings = [_SHORT.get(n, n) for n in names]
+        header = list(settings)
         for c in levels:
             header += [f"req/s c={c}", f"p50 ms c={c}", f"p99 ms c={c}"]
         rows = []
@@ -168,7 +186,7 @@ def markdown(results: dict) -> str:
                     failed[0] if failed else "",
                 ]
             )
-        parts += _table([*header, "n", f"req/s c={levels[-1]}", f"p99 ms c={levels[-1]}", "failed"], rows)
+        parts += _table([*settings, "n", f"req/s c={levels[-1]}", f"p99 ms c={levels[-1]}", "failed"], rows)
     parts += ["", f"![configurations tried]({CHART_FILE})", ""]
     return "\n".join(parts)
 
