@@ -181,11 +181,16 @@ class Server:
             if self.process.poll() is not None:
                 raise SystemExit(f"the server exited with {self.process.returncode}; see {self.log_path}")
             try:
-                status, _ = load.run(http_get(self.url, "/readyz", timeout_s=2))
+                status, body = load.run(http_get(self.url, "/readyz", timeout_s=2))
             except (HttpError, TimeoutError):
-                status = None
+                status, body = None, b""
             if status == 200:
                 return self
+            # A model that failed or is unavailable will not become ready: say why now, not in 300 s.
+            stuck = _settled_not_ready(body) if status == 503 else None
+            if stuck:
+                self.__exit__()
+                raise SystemExit(f"not ready: {stuck}; see {self.log_path}")
             time.sleep(0.2)
         self.__exit__()
         raise SystemExit(f"the server was not ready after 300 s; see {self.log_path}")
@@ -199,6 +204,22 @@ class Server:
                 self.process.kill()
                 self.process.wait(10)
         self._log.close()
+
+
+def _settled_not_ready(body: bytes) -> str | None:
+    """From a 503 /readyz: the models that failed or are unavailable, once none is still loading."""
+    try:
+        models = json.loads(body)["models"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if any(entry.get("status") == "loading" for entry in models.values()):
+        return None
+    failed = [
+        f"{name} is {entry.get('status')}: {entry.get('reason', '?')}"
+        for name, entry in models.items()
+        if entry.get("status") != "ready"
+    ]
+    return "; ".join(failed) or None
 
 
 def _free_port() -> int:

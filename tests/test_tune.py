@@ -218,3 +218,14 @@ def test_a_short_real_tune_writes_a_file_the_server_starts_with(built_repository
     assert {key: settings[key] for key in chosen} == chosen
     assert all(settings["sources"][key] == "file" for key in chosen)
     assert entry["batching"]["max_batch_size"] == chosen["max_batch_size"]
+
+
+def test_a_configuration_the_server_cannot_load_is_a_failed_trial_not_a_stall(built_repository, tmp_path):
+    # No int8 build in this repository: the model fails to load, and the trial says so at once.
+    trials = tune.Trials(built_repository, "shufflenet_v2", tmp_path, tune.Plan(), tune.Target(), images=[])
+    _, start = tune.space_for("onnxruntime-cpu", ["fp32", "int8"], cores=2)
+    sample = trials({**start, "precision": "int8"}, "search")
+    assert sample.score == 0.0 and sample.penalty == float("inf")
+    assert "shufflenet_v2 is failed" in sample.details["error"]
+    assert sample.cost < 60  # not the 300 s the server is given to become ready
+    assert (tmp_path / "trials" / "shufflenet_v2-001-search.toml").is_file()
