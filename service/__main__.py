@@ -34,6 +34,7 @@ from service.http.protocol import with_header_deadline
 from service.process import (
     configure_logging,
     release_large_blocks,
+    return_freed_memory,
     stop_logging,
     stop_preempting,
     use_scratch_dir,
@@ -74,6 +75,7 @@ def serve(settings: Settings) -> int:
         on_models_loaded=None if settings.event_loop_preempts else stop_preempting,
         serve_grpc=True,
         rescan_on_sighup=True,
+        on_runtime_released=return_freed_memory,
     )
     metrics_server = None
     if settings.metrics_port is not None:

@@ -37,15 +37,19 @@ def create_app(
     on_models_loaded: Callable[[], None] | None = None,
     serve_grpc: bool = False,
     rescan_on_sighup: bool = False,
+    on_runtime_released: Callable[[], object] | None = None,
 ) -> FastAPI:
     """A ready-to-serve app; nothing is loaded until its lifespan starts. ``on_models_loaded`` is
     called on the event loop's thread once every model has loaded (or failed to). ``serve_grpc``: the
     lifespan also serves the Open Inference Protocol over gRPC on GRPC_PORT, in the same event loop
     (``app.state.grpc_server``). ``rescan_on_sighup``: SIGHUP makes the repository load anew every model
-    whose files changed (the process's main thread only)."""
+    whose files changed (the process's main thread only). ``on_runtime_released``: called (in the loader
+    thread) after a replaced model's runtime is released."""
     names = configured_models(settings)
     metrics = Metrics(names)
-    repository = ModelRepository(names, settings, metrics, loader=runtime_loader)
+    repository = ModelRepository(
+        names, settings, metrics, loader=runtime_loader, on_released=on_runtime_released
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -140,10 +140,14 @@ class ModelRepository:
         metrics: Metrics,
         *,
         loader: RuntimeLoader = load_runtime,
+        on_released: Callable[[], object] | None = None,
     ) -> None:
+        """``on_released`` runs in the loader thread after a replaced version's runtime is released
+        (the process gives the freed memory back: service/process.py)."""
         self._settings = settings
         self._metrics = metrics
         self._loader = loader
+        self._on_released = on_released
         # The decode pool of the models that batch, made by load_all() and shut down by stop().
         self._decode_executor: ThreadPoolExecutor | None = None
         self._decode_pool: FairPool | None = None
@@ -481,6 +485,8 @@ class ModelRepository:
         if entry.runtime is not None:
             entry.runtime.close()
         entry.status = ModelStatus.UNLOADED
+        if self._on_released is not None:
+            await asyncio.get_running_loop().run_in_executor(self._load_executor, self._on_released)
         log.info("%s version %s released", entry.name, entry.version)
 
     def _give_up(self, model: ServedModel, status: ModelStatus, reason: str) -> None:
