@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import socket
 import threading
 import time
@@ -14,6 +15,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
 from contract import layout
 from contract.photos import photo_jpeg
@@ -21,7 +24,7 @@ from service.app import create_app
 from service.config import ConfigError, load_settings
 from service.core.runtimes import load_runtime
 from tests.fake_repository import corrupt, write_model
-from tests.live_server import LiveServer, serving, serving_settings, wait_ready
+from tests.live_server import LiveServer, ready_service, serving, serving_settings, wait_ready
 
 MODEL = "shufflenet_v2"
 JPEG = photo_jpeg(500, 375, seed=3)
@@ -402,3 +405,49 @@ def test_requests_admitted_to_the_replaced_version_finish_on_it(tmp_path):
         while not recorder.closed and time.monotonic() < deadline:
             time.sleep(0.02)
         assert recorder.closed == [repository / MODEL]
+
+
+# --- python -m service: SIGHUP, and the repository API over gRPC ----------------------------------
+def _wait_for_version(url: str, version: int, timeout_s: float = 30) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        entry = httpx.get(f"{url}/models/{MODEL}").json()
+        if entry["version"] == version and entry["status"] == "ready":
+            return entry
+        time.sleep(0.05)
+    raise AssertionError(f"version {version} never served: {entry}")
+
+
+def test_sighup_rescans_the_repository(tmp_path):
+    repository = _repository(tmp_path)
+    with ready_service(repository, tmp_path / "server.log", MODELS=MODEL) as server:
+        write_model(repository, MODEL, seed=2, version=2)
+        server.process.send_signal(signal.SIGHUP)
+        entry = _wait_for_version(server.url, 2)
+        assert [v["version"] for v in entry["versions"]] == [1, 2]
+        shutil.rmtree(repository / MODEL / "2")
+        server.process.send_signal(signal.SIGHUP)
+        _wait_for_version(server.url, 1)
+        with httpx.Client(base_url=server.url) as client:
+            assert _top1(client)[0] == 1
+        assert server.process.poll() is None  # SIGHUP's default would have ended the process
+
+
+def test_the_repository_api_over_grpc(tmp_path):
+    repository = _repository(tmp_path)
+    with ready_service(repository, tmp_path / "server.log", REPOSITORY_API="true") as server:
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        index = client.get_model_repository_index(as_json=True)["models"]
+        assert index == [{"name": MODEL, "version": "1", "state": "READY"}]  # empty reason: left out
+        write_model(repository, MODEL, seed=2, version=2)
+        client.load_model(MODEL)
+        assert client.get_model_metadata(MODEL).versions == ["1", "2"]
+        assert client.is_model_ready(MODEL, "2")
+        with pytest.raises(InferenceServerException) as refused:
+            client.load_model("nosuch")
+        assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
+        client.unload_model(MODEL)
+        assert not client.is_model_ready(MODEL)
+        client.load_model(MODEL)
+        assert client.is_model_ready(MODEL)
+        client.close()
