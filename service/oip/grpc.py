@@ -236,24 +236,28 @@ class InferenceServicer:
         return service_pb2.RepositoryIndexResponse(models=models)
 
     async def repository_model_load(self, raw: bytes, context: grpc.aio.ServicerContext) -> Message:
-        try:
-            repository_api.check_enabled(self._settings)
-            request = _parse(service_pb2.RepositoryModelLoadRequest, raw)
-            repository_api.check_parameters({"parameters": dict(request.parameters)})
-            await repository_api.load(self._repository, request.model_name)
-        except OipError as exc:
-            await _abort(context, exc)
+        await self._change_model(raw, context, service_pb2.RepositoryModelLoadRequest, repository_api.load)
         return service_pb2.RepositoryModelLoadResponse()
 
     async def repository_model_unload(self, raw: bytes, context: grpc.aio.ServicerContext) -> Message:
+        request_type = service_pb2.RepositoryModelUnloadRequest
+        await self._change_model(raw, context, request_type, repository_api.unload)
+        return service_pb2.RepositoryModelUnloadResponse()
+
+    async def _change_model(
+        self,
+        raw: bytes,
+        context: grpc.aio.ServicerContext,
+        request_type: type[Message],
+        change: Callable[[ModelRepository, str], Awaitable[None]],
+    ) -> None:
         try:
             repository_api.check_enabled(self._settings)
-            request = _parse(service_pb2.RepositoryModelUnloadRequest, raw)
+            request = _parse(request_type, raw)
             repository_api.check_parameters({"parameters": dict(request.parameters)})
-            await repository_api.unload(self._repository, request.model_name)
+            await change(self._repository, request.model_name)
         except OipError as exc:
             await _abort(context, exc)
-        return service_pb2.RepositoryModelUnloadResponse()
 
     # --- inference --------------------------------------------------------------------------------
     async def model_infer(self, raw: bytes, context: grpc.aio.ServicerContext) -> Message:
