@@ -3,6 +3,7 @@ and loads that replace a model while it serves."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import signal
@@ -22,6 +23,8 @@ from contract import layout
 from contract.photos import photo_jpeg
 from service.app import create_app
 from service.config import ConfigError, load_settings
+from service.core.metrics import Metrics
+from service.core.repository import ModelRepository
 from service.core.runtimes import load_runtime
 from tests.fake_repository import corrupt, write_model
 from tests.live_server import LiveServer, ready_service, serving, serving_settings, wait_ready
@@ -451,3 +454,26 @@ def test_the_repository_api_over_grpc(tmp_path):
         client.load_model(MODEL)
         assert client.is_model_ready(MODEL)
         client.close()
+
+
+def test_shutdown_does_not_wait_past_its_grace_for_a_replaced_version(tmp_path):
+    repository_dir = _repository(tmp_path)
+    settings = serving_settings(repository_dir, body_read_timeout_s=60, request_timeout_s=60)
+
+    async def scenario() -> float:
+        repository = ModelRepository([MODEL], settings, Metrics([MODEL]))
+        await repository.load_all()
+        old = repository.get(MODEL)
+        assert old.batcher is not None
+        with old.batcher.admit():  # a request still reading its body when its version is replaced
+            await asyncio.sleep(0.01)
+            write_model(repository_dir, MODEL, seed=9)
+            await repository.load(MODEL)
+            assert repository.get(MODEL) is not old
+            started = time.monotonic()
+            await repository.stop(grace_s=0.5)
+            return time.monotonic() - started
+
+    elapsed = asyncio.run(scenario())
+    # Its own drain would wait up to 120 s (body read + deadline) for that request.
+    assert elapsed < 10, elapsed

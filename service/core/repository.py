@@ -161,7 +161,7 @@ class ModelRepository:
         self.history: dict[str, LoadHistory] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._loads: dict[str, asyncio.Task[None]] = {}  # the load running for each name
-        self._retiring: set[asyncio.Task[None]] = set()
+        self._retiring: dict[asyncio.Task[None], ServedModel] = {}  # replaced versions, draining
         self._stopping = False
         for name in names:
             self._add(name)
@@ -297,10 +297,15 @@ class ModelRepository:
         for task in list(self._loads.values()):
             task.cancel()  # the version being loaded finishes in its thread and is never served
         await asyncio.gather(*self._loads.values(), return_exceptions=True)
+        # Replaced versions still draining get the same grace as the others, not their own longer one.
+        draining = list(self._retiring.values())
+        for task in list(self._retiring):
+            task.cancel()
+        await asyncio.gather(*self._retiring, return_exceptions=True)
         serving = [entry for versions in self._versions.values() for entry in versions.values()]
+        serving += [entry for entry in draining if entry.status is not ModelStatus.UNLOADED]
         batchers = [entry.batcher for entry in serving if entry.batcher is not None]
         await asyncio.gather(*(batcher.stop(grace_s) for batcher in batchers))
-        await asyncio.gather(*self._retiring, return_exceptions=True)
         for entry in serving:
             if entry.runtime is not None:
                 entry.runtime.close()
@@ -474,8 +479,8 @@ class ModelRepository:
             if entry.batcher is None and entry.runtime is None:
                 continue
             task = asyncio.get_running_loop().create_task(self._release(entry), name=f"retire-{entry.name}")
-            self._retiring.add(task)
-            task.add_done_callback(self._retiring.discard)
+            self._retiring[task] = entry
+            task.add_done_callback(self._retiring.pop)
 
     async def _release(self, entry: ServedModel) -> None:
         # No admitted request outlives reading its body plus its deadline.
