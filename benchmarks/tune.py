@@ -43,6 +43,7 @@ from benchmarks.http_client import http_get
 from benchmarks.load_results import Level
 from benchmarks.text_table import text_table
 from benchmarks.tune_search import Dimension, Sample, SearchResult, search
+from contract import layout
 from contract.manifest import Manifest
 from contract.zoo import DEFAULT_MODELS
 from service.config import CPU_BATCHING, GPU_BACKENDS, GPU_BATCHING
@@ -251,7 +252,8 @@ def tune_model(
     images: list[Image],
 ) -> dict:
     """Search one model; what it found, as ``results.json`` keeps it."""
-    manifest = Manifest.load(repository / model)
+    # The version the server serves to requests that name none: the highest.
+    manifest = Manifest.load(list(layout.versions(repository / model).values())[-1])
     precisions, left_out = precisions_to_try(manifest, min_agreement)
     trials = Trials(repository, model, out_dir, plan, target, images)
     _say(f"{model}: the server's defaults (backend, readiness)")
@@ -424,11 +426,11 @@ def summary_table(results: dict) -> str:
 
 def _models(names: Sequence[str], repository: Path) -> list[str]:
     if names == ["all"]:
-        names = [path.name for path in sorted(repository.iterdir()) if (path / "model.json").is_file()]
+        names = layout.model_names(repository)
     for name in names:
         if ":" in name:
             raise SystemExit(f"{name}: name the model without a precision; the tune tries each build")
-        if not (repository / name / "model.json").is_file():
+        if not layout.versions(repository / name):
             raise SystemExit(f"{name}: no model.json in {repository / name} (build it with build_engines.py)")
     return list(names)
 
