@@ -363,6 +363,29 @@ def test_sigkill_comes_after_the_prestop_sleep_and_the_drain(overlay):
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
+def test_a_rollout_keeps_serving(overlay):
+    """A new image rolls out without dropping below the capacity serving now: a new pod starts first
+    (maxSurge 1), takes traffic only once /readyz says its models are loaded and warmed, and only then
+    is an old one stopped (maxUnavailable 0), which leaves the endpoints before SIGTERM (preStop) and
+    drains before SIGKILL (test_sigkill_comes_after_the_prestop_sleep_and_the_drain)."""
+    docs = _docs(overlay)
+    deployment = _one(docs, "Deployment")
+    strategy = deployment["spec"]["strategy"]
+    assert strategy["type"] == "RollingUpdate"
+    assert strategy["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
+    server = _server(_pod_spec(docs))
+    for probe in ("startupProbe", "readinessProbe"):
+        assert server[probe]["httpGet"]["path"] == "/readyz", probe
+    # /readyz waits for the warm-up only when there is one: a rollout must not turn it off.
+    from service.config import Settings
+
+    warmup = _config(docs, server).get("WARMUP")
+    assert Settings.model_fields["warmup"].default is True
+    assert warmup is None or Settings(model_repository=REPO, warmup=warmup).warmup
+    assert server["lifecycle"]["preStop"]["sleep"]["seconds"] >= 5
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_autoscaling_disruption_budget_and_spread_select_the_pods(overlay):
     docs = _docs(overlay)
     labels = pod_labels(docs)
