@@ -191,7 +191,8 @@ class Measured:
     started: float  # perf_counter at the start of the measured part
     counters_before: dict[str, float]
     counters_after: dict[str, float]
-    rss_after_reload: list[int | None] = field(default_factory=list)  # bytes, one per reload
+    # Bytes, one per reload, read when the steady interval after it ends (or the run does).
+    rss_after_reload: list[int | None] = field(default_factory=list)
 
 
 async def _reloader(
@@ -201,7 +202,10 @@ async def _reloader(
     server_pid: int | None,
     rss: list[int | None],
 ) -> list[Reload]:
-    """Version 2 in, load; version 2 out, load; ... with ``interval_s`` of steady serving before each."""
+    """Version 2 in, load; version 2 out, load; ... with ``interval_s`` of steady serving before each.
+
+    The server's memory is read when the steady interval after each reload ends, by when the replaced
+    version has been released (that waits only for the requests it had admitted), or the run does."""
     path = f"/v2/repository/models/{config.model}/load"
     reloads: list[Reload] = []
     added = 0
@@ -210,6 +214,8 @@ async def _reloader(
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(config.interval_s):
                 await stop.wait()
+        if reloads:
+            rss.append(_rss_bytes(server_pid) if server_pid is not None else None)
         if stop.is_set():
             return reloads
         if repository.version_dir.exists():
@@ -231,7 +237,6 @@ async def _reloader(
         if status != 200:
             error = body.decode("utf-8", "replace")[:500]
         reloads.append(Reload(action, started, ended, status, expected, error))
-        rss.append(_rss_bytes(server_pid) if server_pid is not None else None)
 
 
 async def measure(
@@ -331,6 +336,14 @@ def summarize(measured: Measured, config: RunConfig) -> dict[str, object]:
     versions = Counter(str(r.version) for r in measured.requests if r.status == 200)
     load_calls = [reload.ended - reload.started for reload in measured.reloads]
     rss = [value for value in measured.rss_after_reload if value is not None]
+    # The first reload's memory against the last one that left the server in the same state (the
+    # same versions loaded): what stays behind after every reload in between.
+    first_action = measured.reloads[0].action if measured.reloads else None
+    alike = [
+        (i, value)
+        for i, (reload, value) in enumerate(zip(measured.reloads, measured.rss_after_reload, strict=False))
+        if reload.action == first_action and value is not None
+    ]
     return {
         "windows": summaries,
         "p99_ratio": ratio,
@@ -366,9 +379,11 @@ def summarize(measured: Measured, config: RunConfig) -> dict[str, object]:
             },
         },
         "server_rss_mib": {
-            "after_first_reload": rss[0] / 2**20 if rss else None,
-            "after_last_reload": rss[-1] / 2**20 if rss else None,
-            "growth": (rss[-1] - rss[0]) / 2**20 if rss else None,
+            "after_first_reload": alike[0][1] / 2**20 if alike else None,
+            # The last reload of the first one's kind, and how many reloads later it came.
+            "after_last_alike_reload": alike[-1][1] / 2**20 if alike else None,
+            "reloads_later": alike[-1][0] - alike[0][0] if alike else None,
+            "growth": (alike[-1][1] - alike[0][1]) / 2**20 if alike else None,
             "after_each_reload": [round(value / 2**20, 1) for value in rss],
         },
     }
@@ -416,8 +431,9 @@ def format_summary(summary: dict[str, object]) -> str:
     ]
     if rss["after_first_reload"] is not None:
         lines.append(
-            f"server RSS after the first reload {rss['after_first_reload']:.1f} MiB, after the last "
-            f"{rss['after_last_reload']:.1f} MiB ({rss['growth']:+.1f} MiB)"
+            f"server RSS after the first reload {rss['after_first_reload']:.1f} MiB, "
+            f"{rss['reloads_later']} reloads later (the same versions loaded) "
+            f"{rss['after_last_alike_reload']:.1f} MiB ({rss['growth']:+.1f} MiB)"
         )
     return "\n".join(lines)
 
@@ -463,6 +479,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = datetime.now().astimezone()
+    # The machine's load around the run: on a shared machine, others' work shows up in the windows.
+    load_before = os.getloadavg()[0]
     out: Path = args.out or RESULTS_DIR / f"{started:%Y%m%d-%H%M%S}"
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="reload-bench-") as scratch:
@@ -495,11 +513,21 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model,
         "repository": str(args.repository.resolve()),
         "config": {k: v for k, v in asdict(config).items() if k != "url"},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "loadavg_1m_before": load_before,
+            "loadavg_1m_after": os.getloadavg()[0],
+        },
         **summary,
     }
     path = out / "reload.json"
     path.write_text(json.dumps(document, indent=2) + "\n")
     print(format_summary(summary))
+    machine = document["machine"]
+    print(
+        f"machine: {machine['cpus']} CPUs, 1-minute load average {machine['loadavg_1m_before']:.1f} before, "
+        f"{machine['loadavg_1m_after']:.1f} after"
+    )
     print(f"wrote {path}")
     planned = summary["reloads_as_planned"] == len(measured.reloads)
     return 0 if summary["non_200"] == 0 and planned else 1
