@@ -447,23 +447,14 @@ class ModelRepository:
     ) -> ServedModel:
         """The version requests that name none get: the pinned one, else the highest ready one, else
         the highest (which says why it is not ready)."""
-        if pinned is not None:
-            if pinned in versions:
-                return versions[pinned]
-            held = ", ".join(str(v) for v in layout.versions(model_root)) or "none"
-            reason = (
-                f"MODEL_VERSIONS pins version {pinned}, which {model_root} does not hold (it holds: {held})"
-            )
-            return self._placeholder(name, ModelStatus.FAILED, reason)
+        if pinned is not None and pinned in versions:
+            return versions[pinned]
         ready = [entry for entry in versions.values() if entry.status is ModelStatus.READY]
-        if ready:
+        if pinned is None and ready:
             return ready[-1]
-        if versions:
+        if pinned is None and versions:
             return versions[max(versions)]
-        reason = (
-            f"no {MANIFEST_FILE} in {model_root} or its version directories (build it with build_engines.py)"
-        )
-        return self._placeholder(name, ModelStatus.FAILED, reason)
+        return self._placeholder(name, ModelStatus.FAILED, _nothing_to_serve(model_root, pinned))
 
     def _placeholder(self, name: str, status: ModelStatus, reason: str) -> ServedModel:
         previous = self.models[name]
