@@ -38,7 +38,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -106,11 +106,21 @@ class Plan:
         )
 
 
-def _say(message: str) -> None:
+def say(message: str) -> None:
     print(f"[{datetime.now():%H:%M:%S}] {message}", file=sys.stderr, flush=True)
 
 
-def _machine() -> dict:
+def new_results(repository: Path, models: Sequence[str], **config: object) -> dict:
+    """A run's results.json as it starts: when, on what machine, with what settings; no model yet."""
+    return {
+        "started": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": machine(),
+        "config": {"repository": str(repository), "models": list(models), **config},
+        "models": {},
+    }
+
+
+def machine() -> dict:
     cpu = platform.processor() or "?"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -125,11 +135,11 @@ def _machine() -> dict:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "onnxruntime": onnxruntime.__version__,
-        "loadavg_before": _loadavg(),
+        "loadavg_before": loadavg(),
     }
 
 
-def _loadavg() -> str:
+def loadavg() -> str:
     try:
         return " ".join(f"{v:.2f}" for v in os.getloadavg())
     except OSError:
@@ -278,7 +288,7 @@ def compare(
     for repeat in range(plan.repeats):
         for model in models:
             where = f"{model}, repeat {repeat + 1}/{plan.repeats}"
-            _say(f"in-process latency: {where}")
+            say(f"in-process latency: {where}")
             latency = inprocess.pipeline_latency(
                 repository / model, data, duration_s=plan.pipeline_duration_s, repeats=1
             )
@@ -286,12 +296,12 @@ def compare(
             for level in levels:
                 for protocol in ("classify", *plan.protocols) if level in compared else ("classify",):
                     if progress is None:
-                        _say(f"served {level}, {protocol}: {where}")
+                        say(f"served {level}, {protocol}: {where}")
                     result = load.run(
                         load.run_level(replace(config, protocol=protocol), model, level, images, progress)
                     )
                     served_rows.append({**result.to_dict(), "repeat": repeat})
-            _say(f"in-process throughput: {where}")
+            say(f"in-process throughput: {where}")
             for workers in plan.workers:
                 for arrangement in inprocess.ARRANGEMENTS:
                     throughput = inprocess.pipeline_throughput(
@@ -318,20 +328,10 @@ def run(
     url: str | None = None,
     grpc_url: str | None = None,
 ) -> dict:
-    started = datetime.now().astimezone()
     clock = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     jpegs = generated_images(plan.images)
-    results: dict = {
-        "started": started.isoformat(timespec="seconds"),
-        "machine": _machine(),
-        "config": {
-            "repository": str(repository),
-            "models": models,
-            **{k: v for k, v in plan.__dict__.items()},
-        },
-        "models": {},
-    }
+    results = new_results(repository, models, **plan.__dict__)
     for model in models:
         manifest = Manifest.load(repository / model)
         results["models"][model] = {
@@ -342,7 +342,7 @@ def run(
             "weights": manifest.weights.source,
         }
 
-    _say("(a) the runtime alone, in-process")
+    say("(a) the runtime alone, in-process")
     results["runtime"] = []
     for model in models:
         rows = inprocess.runtime_cost(
@@ -354,7 +354,7 @@ def run(
         )
         results["runtime"] += [row.to_dict() for row in rows]
 
-    _say("reduced precision beside fp32, in-process (the builds recorded in each manifest)")
+    say("reduced precision beside fp32, in-process (the builds recorded in each manifest)")
     results["precisions"] = [
         asdict(timing)
         for model in models
@@ -371,10 +371,10 @@ def run(
                 widths=plan.guideline_widths,
                 duration_s=plan.guideline_duration_s,
                 repeats=plan.repeats,
-                progress=_say,
+                progress=say,
             )
         ]
-        _say("run time by operator kind (ONNX Runtime profiler)")
+        say("run time by operator kind (ONNX Runtime profiler)")
         results["decomposition"] = []
         for model in models:
             for level in decomposition.OPTIMIZATIONS:
@@ -383,7 +383,7 @@ def run(
                 )
                 results["decomposition"].append(row.to_dict())
 
-    _say("(b) and (c): the served path under the load generator, and the same work in-process")
+    say("(b) and (c): the served path under the load generator, and the same work in-process")
     with contextlib.ExitStack() as stack:
         server_pid = None
         if url is None:
@@ -402,7 +402,7 @@ def run(
             "levels": levels,
         }
 
-    results["machine"]["loadavg_after"] = _loadavg()
+    results["machine"]["loadavg_after"] = loadavg()
     results["duration_s"] = time.perf_counter() - clock
     results["summary"] = report.model_summary(results)
     results["protocols"] = report.protocol_summary(results)

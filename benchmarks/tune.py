@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import load, tune_report
-from benchmarks.bench import Server, _loadavg, _machine, _say
+from benchmarks.bench import Server, loadavg, new_results, say
 from benchmarks.classify_requests import Image, generated_images
 from benchmarks.http_client import http_get
 from benchmarks.load_results import Level
@@ -256,18 +256,18 @@ def tune_model(
     manifest = Manifest.load(list(layout.versions(repository / model).values())[-1])
     precisions, left_out = precisions_to_try(manifest, min_agreement)
     trials = Trials(repository, model, out_dir, plan, target, images)
-    _say(f"{model}: the server's defaults (backend, readiness)")
+    say(f"{model}: the server's defaults (backend, readiness)")
     entry = trials.probe()
     backend = entry.get("backend", "?")
     space, start = space_for(backend, precisions, cpu_count())
-    _say(
+    say(
         f"{model} on {backend}: searching {', '.join(f'{d.name} {list(d.values)}' for d in space)} "
         f"for {budget_s:.0f} s"
     )
 
     def measure(config: Mapping[str, Any], phase: str) -> Sample:
         sample = trials(config, phase)
-        _say(f"{model} {phase:<7} {_describe(config)}: {_describe_sample(sample)}")
+        say(f"{model} {phase:<7} {_describe(config)}: {_describe_sample(sample)}")
         return sample
 
     found = search(
@@ -372,28 +372,22 @@ def run(
     budget_s: float,
     min_agreement: float,
 ) -> dict:
-    started = datetime.now().astimezone()
     clock = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     images = generated_images(plan.images)
-    results: dict = {
-        "started": started.isoformat(timespec="seconds"),
-        "machine": _machine(),
-        "config": {
-            "repository": str(repository),
-            "models": list(models),
-            "p99_ms": target.p99_ms,
-            "budget_s": budget_s,
-            "min_agreement": min_agreement,
-            **asdict(plan),
-        },
-        "models": {},
-    }
+    results = new_results(
+        repository,
+        models,
+        p99_ms=target.p99_ms,
+        budget_s=budget_s,
+        min_agreement=min_agreement,
+        **asdict(plan),
+    )
     for model in models:
         results["models"][model] = tune_model(
             repository, model, out_dir, plan, target, budget_s, min_agreement, images
         )
-    results["machine"]["loadavg_after"] = _loadavg()
+    results["machine"]["loadavg_after"] = loadavg()
     results["duration_s"] = time.perf_counter() - clock
     config_path = out_dir / CONFIG_FILE
     config_path.write_text(model_config_text(results))
@@ -469,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     models = _models(args.models, args.repository)
     set_here = [name for name in TUNED_VARIABLES if name in os.environ]
     if set_here:
-        _say(
+        say(
             f"ignored while tuning: {', '.join(set_here)}; set when serving, they win over the file "
             "this writes"
         )

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.tune import TUNED_VARIABLES
 from builder import precision
 from contract.manifest import Manifest
 from contract.photos import photo_jpeg
@@ -34,16 +35,9 @@ execution_mode = "parallel"
 max_concurrent_batches = 1
 """
 
-# Variables Settings reads that these tests set: cleared so the developer's shell cannot leak in.
-_VARIABLES = (
-    "MODEL_CONFIG",
-    "MAX_BATCH_SIZE",
-    "MAX_QUEUE_DELAY_MS",
-    "MAX_CONCURRENT_BATCHES",
-    "INTRA_OP_THREADS",
-    "INTER_OP_THREADS",
-    "EXECUTION_MODE",
-)
+# Variables Settings reads that these tests set (the ones the tune sets too): cleared so the
+# developer's shell cannot leak in.
+_VARIABLES = TUNED_VARIABLES
 
 
 @pytest.fixture(autouse=True)
