@@ -176,3 +176,17 @@ def test_stop_preempting_where_there_is_no_sched_batch_is_false_and_logged_simul
     with caplog.at_level(logging.INFO, logger="service"):
         assert _in_a_thread(process.stop_preempting) is False
     assert "no SCHED_BATCH" in caplog.text
+
+
+# --- the image for another architecture -----------------------------------------------------------
+def test_dockerfile_exports_on_the_build_platform_and_serves_on_the_target_one():
+    """An arm64 image built on x86-64 runs the torch export natively (the ONNX files are the same on
+    every architecture) and everything it serves with on arm64."""
+    from tests.test_deploy import _stages
+
+    stages = _stages()
+    assert stages["export"][0] == "FROM --platform=${BUILDPLATFORM} ${EXPORT_BASE_IMAGE} AS export"
+    assert "ARG EXPORT_BASE_IMAGE=${BASE_IMAGE}" in stages[""]
+    for stage in ("base", "runtime-venv", "runtime"):
+        assert "--platform" not in stages[stage][0], stage
+    assert "COPY --from=export /export/model_repository/ /app/model_repository/" in stages["runtime"]
