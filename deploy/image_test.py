@@ -249,6 +249,34 @@ def debootstrap_root(rootfs: str | Path, target: str, packages: str) -> None:
                 item.unlink()
 
 
+# The stand-in base image's configuration, as python:3.11-slim's would give it.
+STAND_IN_CONFIG = (
+    "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt",
+    'CMD ["python3"]',
+)
+
+
+def import_for_platform(client: str, rootfs: str | Path, tag: str, target: str) -> None:
+    """``rootfs`` as the image ``tag`` for ``target``. Debian's engine (20.10) ignores `docker import
+    --platform` outside experimental mode and labels the image with its own architecture, so the
+    root goes in through BuildKit (FROM scratch, ADD), which labels it with the build's platform. /dev
+    is left out: the engine provides it."""
+    with tempfile.TemporaryDirectory(prefix="stand-in-") as context:
+        run("tar", "-C", str(rootfs), "--exclude=./dev/*", "-cf", f"{context}/rootfs.tar", ".", timeout=600)
+        Path(context, "Dockerfile").write_text(
+            "\n".join(["FROM scratch", "ADD rootfs.tar /", *STAND_IN_CONFIG, ""])
+        )
+        env = {**os.environ, "DOCKER_BUILDKIT": "1"}
+        result = run(
+            client, "build", "--platform", target, "--tag", tag, context, timeout=900, check=False, env=env
+        )
+        if result.returncode != 0:
+            raise ImageTestError(
+                f"building {tag} from the root failed:\n{(result.stdout + result.stderr)[-4000:]}"
+            )
+
+
 def image_architecture(client: str, image: str) -> str | None:
     result = run(client, "image", "inspect", "--format", "{{.Architecture}}", image, check=False)
     return result.stdout.strip() if result.returncode == 0 else None
@@ -277,29 +305,21 @@ def base_image(client: str, target: str) -> str:
         debootstrap_root(rootfs, target, "python3,python3-pip,python3-venv,python-is-python3,ca-certificates")
         # pip inside the build must trust what this machine trusts (a TLS-inspecting proxy's CA).
         shutil.copyfile("/etc/ssl/certs/ca-certificates.crt", f"{rootfs}/etc/ssl/certs/ca-certificates.crt")
-        tar = subprocess.Popen(["tar", "-C", rootfs, "-c", "."], stdout=subprocess.PIPE)
-        imported = subprocess.run(
-            [
-                client,
-                "import",
-                *platform_args,
-                "--change",
-                "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                "--change",
-                "ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt",
-                "--change",
-                'CMD ["python3"]',
-                "-",
-                stand_in,
-            ],
-            stdin=tar.stdout,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        tar.wait()
-        if imported.returncode != 0:
-            raise ImageTestError(f"docker import failed:\n{imported.stderr}")
+        if emulated:
+            import_for_platform(client, rootfs, stand_in, target)
+        else:
+            tar = subprocess.Popen(["tar", "-C", rootfs, "-c", "."], stdout=subprocess.PIPE)
+            changes = [arg for change in STAND_IN_CONFIG for arg in ("--change", change)]
+            imported = subprocess.run(
+                [client, "import", *changes, "-", stand_in],
+                stdin=tar.stdout,
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+            tar.wait()
+            if imported.returncode != 0:
+                raise ImageTestError(f"docker import failed:\n{imported.stderr}")
     if image_architecture(client, stand_in) != arch:
         raise ImageTestError(f"{stand_in} was imported as {image_architecture(client, stand_in)}, not {arch}")
     return stand_in
