@@ -6,6 +6,7 @@
 #   loadgen             the load generator (benchmarks/), for docker-compose's `load` profile
 #
 #   docker build -t efficient-cnn-classifier .
+#   docker build --platform linux/arm64 -t efficient-cnn-classifier:arm64 .  (the CPU image for arm64)
 #   docker build --target gpu -t efficient-cnn-classifier:gpu .
 #   docker build --target jetson -t efficient-cnn-classifier:jetson .      (on a Jetson, or buildx)
 #
