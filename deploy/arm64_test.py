@@ -127,7 +127,7 @@ def in_root(
     """``command`` run in the arm64 root as ``user``, in a mount namespace of its own: /proc, /dev and
     /sys (the cgroup files the server reads) as on this machine, the CPU list under /sys hidden.
 
-    qemu-user before 8.1 shows the host's x86 /proc/cpuinfo beside /sys's list of the cores, and the
+    qemu-user 7.2 (Debian 12's) shows the host's x86 /proc/cpuinfo beside /sys's list of the cores, and the
     cpuinfo library in ONNX Runtime crashes on the mix (SIGSEGV at import, qemu 7.2); without the list it
     logs "failed to parse" and carries on, as it does wherever the list is absent. A real ARM machine
     has its own /proc/cpuinfo. The mounts end with the namespace: nothing is left mounted in the cache.

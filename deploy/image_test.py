@@ -60,7 +60,7 @@ STOP_LIMIT_S = 15.0  # SIGTERM to exit; the server's drain is bounded by SHUTDOW
 EMULATED_READY_TIMEOUT_S = 600  # models loaded and warmed under qemu: ~20x slower than native
 # Docker's platform -> Debian's architecture and qemu's name for it.
 PLATFORMS = {"linux/amd64": ("amd64", "x86_64"), "linux/arm64": ("arm64", "aarch64")}
-# Under qemu-user (before qemu 8.1) /proc/cpuinfo is the host's x86 one while /sys lists the cores:
+# Under qemu-user (7.2, Debian 12's) /proc/cpuinfo is the host's x86 one while /sys lists the cores:
 # the cpuinfo library inside ONNX Runtime then crashes the process at import (SIGSEGV, measured with
 # qemu 7.2 and onnxruntime 1.32). Hiding the CPU list makes it log "failed to parse" and carry on,
 # as it does wherever the list is absent. A real ARM machine shows its own /proc/cpuinfo.
