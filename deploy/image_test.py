@@ -21,8 +21,9 @@ Host networking only: traffic to an engine's private bridge addresses may be blo
 --platform linux/arm64 (make test-arm64) builds and runs the image for another architecture on this
 one: qemu-user-static registered with binfmt_misc runs its binaries (the engine's BuildKit uses the
 registration for the RUN steps, the engine for the container), the base image is an arm64 stand-in
-(`docker import --platform`; a single-architecture local tag per platform), and the export stage runs
-natively (EXPORT_BASE_IMAGE, this machine's base): ONNX files are the same on every architecture.
+(an arm64 debootstrap, labelled arm64 by a FROM-scratch build; a local tag holds one architecture),
+and the export stage runs natively (EXPORT_BASE_IMAGE, this machine's base): ONNX files are the same
+on every architecture. The container runs with /sys/devices/system/cpu hidden (EMULATED_RUN_OPTIONS).
 Debian's engine builds it with its built-in BuildKit (DOCKER_BUILDKIT=1, no buildx plugin needed);
 the classic builder has no BUILDPLATFORM and is not used. Emulated speed says nothing about ARM's.
 """
