@@ -14,6 +14,7 @@ help:
 	@echo "make run    - create .venv, install, build the model repository, serve on :$(PORT)"
 	@echo "make test   - create .venv, install, run ruff and the whole test suite"
 	@echo "make bench  - in-process and served speed of every model, report under benchmarks/results/"
+	@echo "make bench-reload - a model reloaded every few seconds under load: p50/p99 with and without a reload"
 	@echo "make models - (re)build the model repository only (WEIGHTS=auto|imagenet|random|PATH)"
 	@echo "make audit  - pip-audit the runtime dependencies (known vulnerabilities; needs network access)"
 	@echo "make soak   - a real server under steady mixed load for SOAK_S seconds (default 600): errors, p99, memory"
@@ -42,6 +43,15 @@ run: models
 bench: models
 	$(PY) build_engines.py --models $(MODELS) --weights $(WEIGHTS) --out $(REPO) --precision fp16 int8
 	$(PY) -m benchmarks.bench --repository $(REPO) --models $(MODELS)
+
+# One model under concurrency 16 for RELOAD_S seconds while version 2 of it is moved in and out of a
+# scratch copy of the repository and loaded through the repository API every few seconds: latency in
+# the windows with a reload against the windows without, and every answer checked (about 1.5 min).
+RELOAD_MODEL ?= shufflenet_v2
+RELOAD_S     ?= 60
+.PHONY: bench-reload
+bench-reload: models
+	$(PY) -m benchmarks.reload --repository $(REPO) --model $(RELOAD_MODEL) --duration $(RELOAD_S)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

@@ -3,10 +3,11 @@
     python build_engines.py [--models all|NAME ...] [--weights auto|imagenet|random|PATH]
                             [--out model_repository] [--target cpu|gpu|jetson]
                             [--precision fp32|fp16|int8 ...] [--max-batch N] [--calibration-images DIR]
-                            [--dla-core N] [--force]
+                            [--dla-core N] [--version N] [--force]
 
 For each model: resolve its weights, export ONNX with a dynamic batch axis, check it with onnx.checker
-and against PyTorch through ONNX Runtime, and write ``<out>/<name>/{model.onnx, model.json}``. A model
+and against PyTorch through ONNX Runtime, and write ``<out>/<name>/{model.onnx, model.json}`` (with
+``--version N``: ``<out>/<name>/N/``, a version the server serves beside the others). A model
 whose outputs are up to date (same ONNX file, built from the same variant, weights, opset, tools and
 model code) is skipped unless ``--force``.
 
@@ -34,6 +35,7 @@ from builder.precision import PrecisionError, build_model_variants
 from builder.report import Row, format_table
 from builder.tensorrt import TensorRTBuildError, build_model_engines
 from contract import zoo
+from contract.layout import model_directory
 from contract.manifest import ONNX_FILES
 
 log = logging.getLogger("build_engines")
@@ -67,6 +69,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--out", type=Path, default=Path("model_repository"), help="model repository directory"
+    )
+    parser.add_argument(
+        "--version",
+        type=int,
+        default=None,
+        metavar="N",
+        help="write version N of each model (<out>/<name>/N/, an integer >= 1); default: <out>/<name>/, "
+        "which the server serves as version 1",
     )
     parser.add_argument(
         "--target",
@@ -118,6 +128,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--calibration-count and --held-out-count must be at least 1")
     if args.contexts < 1 or args.workspace_mib < 1:
         parser.error("--contexts and --workspace-mib must be at least 1")
+    if args.version is not None and args.version < 1:
+        parser.error("--version must be an integer >= 1")
     if args.dla_core is not None and args.target != "jetson":
         parser.error("--dla-core needs --target jetson (DLA cores are on Jetson modules)")
     args.precision = list(dict.fromkeys(args.precision))
@@ -210,9 +222,9 @@ def main(argv: list[str] | None = None) -> int:
             row = Row(name=name, status="FAILED", error=f"{type(exc).__name__}: {exc}")
         seconds = time.perf_counter() - started
         if row.status in ("up to date", "kept"):
-            log.info("%s: %s (%s)", prefix, row.status, args.out / name)
+            log.info("%s: %s (%s)", prefix, row.status, model_directory(args.out, name, args.version))
         elif row.ok:
-            onnx_path = args.out / name / ONNX_FILES["fp32"]
+            onnx_path = model_directory(args.out, name, args.version) / ONNX_FILES["fp32"]
             built = f"{onnx_path} ({row.onnx_bytes / 1e6:.2f} MB, parity {row.parity:.1e}"
             log.info("%s: built %s, weights %s) in %.1f s", prefix, built, row.weights, seconds)
         else:

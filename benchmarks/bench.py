@@ -142,7 +142,9 @@ def _loadavg() -> str:
 class Server:
     """``python -m service`` on a free local port, for the length of a ``with`` block."""
 
-    def __init__(self, repository: Path, models: list[str], log_path: Path) -> None:
+    def __init__(
+        self, repository: Path, models: list[str], log_path: Path, env: dict[str, str] | None = None
+    ) -> None:
         self.port, self.grpc_port = _free_port(), _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.grpc_url = f"127.0.0.1:{self.grpc_port}"
@@ -154,6 +156,7 @@ class Server:
             "GRPC_PORT": str(self.grpc_port),
             "LOG_LEVEL": os.environ.get("LOG_LEVEL", "WARNING"),
             "PYTHONUNBUFFERED": "1",
+            **(env or {}),
         }
         self.log_path = log_path
         self.process: subprocess.Popen | None = None

@@ -96,6 +96,20 @@ async def http_get(url: str, path: str, timeout_s: float = 10.0) -> tuple[int, b
         connection.close()
 
 
+async def http_post(url: str, path: str, body: bytes = b"", timeout_s: float = 10.0) -> tuple[int, bytes]:
+    """(status, body) of ``POST path`` with ``body`` (JSON) on a connection of its own, closed afterwards."""
+    host, port = address(url)
+    connection = Connection(host, port)
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    try:
+        return await asyncio.wait_for(connection.exchange(head.encode("latin-1") + body), timeout_s)
+    finally:
+        connection.close()
+
+
 def address(url: str) -> tuple[str, int]:
     """(host, port) of an ``http://HOST[:PORT]`` URL; anything else stops the command with a message."""
     parts = urlsplit(url)

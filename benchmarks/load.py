@@ -110,7 +110,7 @@ class _Window:
             self.errors[str(status)] += 1
 
 
-class _Budget:
+class Budget:
     """At most ``limit`` requests (None: unbounded) and nothing after ``stop_at``."""
 
     def __init__(self, limit: int | None, stop_at: float) -> None:
@@ -124,15 +124,18 @@ class _Budget:
         return True
 
 
-async def _closed_loop(
+async def closed_loop(
     send: Send,
     connections: list,
     requests: Sequence[bytes],
     images_per_request: int,
-    budget: _Budget,
+    budget: Budget,
     window: _Window,
     timeout_s: float,
 ) -> None:
+    """Each connection sends its next request as soon as its answer arrives, until ``budget`` runs out;
+    every answer goes to ``window.record`` (``benchmarks/reload.py`` passes a recorder of its own)."""
+
     async def worker(offset: int) -> None:
         i = offset
         connection = connections[offset]
@@ -153,7 +156,7 @@ async def _open_loop(
     rate: float,
     requests: Sequence[bytes],
     images_per_request: int,
-    budget: _Budget,
+    budget: Budget,
     window: _Window,
     timeout_s: float,
     poisson: bool,
@@ -228,9 +231,9 @@ async def run_level(
     pool = client.pool()
 
     async def phase(duration_s: float, limit: int | None, window: _Window) -> None:
-        budget = _Budget(limit, time.perf_counter() + duration_s)
+        budget = Budget(limit, time.perf_counter() + duration_s)
         if level.mode == "concurrency":
-            await _closed_loop(
+            await closed_loop(
                 send, connections, requests, config.files_per_request, budget, window, config.timeout_s
             )
         else:

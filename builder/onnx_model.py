@@ -16,6 +16,7 @@ from pathlib import Path
 from builder.report import Row, weights_label
 from builder.staleness import up_to_date
 from contract import zoo
+from contract.layout import model_directory
 from contract.manifest import (
     MANIFEST_FILE,
     ONNX_FILES,
@@ -40,7 +41,7 @@ def build_model(name: str, args: argparse.Namespace, opset: int, tools: dict) ->
     from models import complexity
 
     spec = zoo.parse(name)
-    model_dir = args.out / name
+    model_dir = model_directory(args.out, name, args.version)
     state_dict, provenance = weights.resolve(name, args.weights)
     if provenance["source"] == "random":
         extra = f"torch seed {RANDOM_SEED}, BatchNorm statistics calibrated on random input"
@@ -116,7 +117,7 @@ def build_model(name: str, args: argparse.Namespace, opset: int, tools: dict) ->
 
 def existing_model(name: str, args: argparse.Namespace) -> Row:
     """A model exported elsewhere (no PyTorch here): its manifest and intact ONNX file, or FAILED."""
-    model_dir: Path = args.out / name
+    model_dir: Path = model_directory(args.out, name, args.version)
     row = Row(name=name, status="FAILED")
     try:
         manifest = Manifest.load(model_dir)

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from builder.export import quiet
+from contract.layout import model_directory
 from contract.manifest import (
     ONNX_FILES,
     Manifest,
@@ -458,7 +459,7 @@ def build_model_variants(name: str, args: argparse.Namespace) -> list[str]:
     recorded in its manifest as soon as it is made; a line per variant for the build's report."""
     from builder.report import variant_line
 
-    model_dir = args.out / name
+    model_dir = model_directory(args.out, name, args.version)
     # TensorRT takes only symmetric int8 (and no int32 biases): a GPU build quantizes for it.
     recipe = "tensorrt" if args.target in ("gpu", "jetson") else "cpu"
     split = split_images(

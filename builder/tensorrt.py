@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from contract.gpu import GPU_OPT_BATCH, GpuDevice
+from contract.layout import model_directory
 from contract.manifest import ENGINES_DIR, ONNX_FILES, Engine, Manifest, file_matches, sha256_of
 
 log = logging.getLogger(__name__)
@@ -404,7 +405,7 @@ def build_model_engines(
     manifest as soon as it is built; a line per engine for the build's report."""
     from builder.report import engine_line
 
-    model_dir = args.out / name
+    model_dir = model_directory(args.out, name, args.version)
     lines = []
     allow_tf32 = tf32_allowed()
     for precision in args.precision:

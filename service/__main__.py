@@ -8,6 +8,9 @@ temporary files, the event loop's scheduling): ``service/process.py``.
 The Open Inference Protocol over gRPC is served on GRPC_PORT by the same process, in the same event
 loop (``service/oip/grpc.py``).
 
+SIGHUP rescans the model repository: every model whose files changed is loaded anew beside the one
+serving and replaces it without dropping a request (``service/core/repository.py``).
+
 SIGTERM (or Ctrl-C) starts a graceful shutdown: the listening sockets close (HTTP and gRPC at the same
 moment: a new gRPC call gets UNAVAILABLE), requests and calls in flight get their answers (bounded by
 SHUTDOWN_GRACE_S), the batchers drain, and the process exits 0.
@@ -31,6 +34,7 @@ from service.http.protocol import with_header_deadline
 from service.process import (
     configure_logging,
     release_large_blocks,
+    return_freed_memory,
     stop_logging,
     stop_preempting,
     use_scratch_dir,
@@ -70,6 +74,8 @@ def serve(settings: Settings) -> int:
         settings,
         on_models_loaded=None if settings.event_loop_preempts else stop_preempting,
         serve_grpc=True,
+        rescan_on_sighup=True,
+        on_runtime_released=return_freed_memory,
     )
     metrics_server = None
     if settings.metrics_port is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI
@@ -35,14 +36,20 @@ def create_app(
     runtime_loader: RuntimeLoader = load_runtime,
     on_models_loaded: Callable[[], None] | None = None,
     serve_grpc: bool = False,
+    rescan_on_sighup: bool = False,
+    on_runtime_released: Callable[[], object] | None = None,
 ) -> FastAPI:
     """A ready-to-serve app; nothing is loaded until its lifespan starts. ``on_models_loaded`` is
     called on the event loop's thread once every model has loaded (or failed to). ``serve_grpc``: the
     lifespan also serves the Open Inference Protocol over gRPC on GRPC_PORT, in the same event loop
-    (``app.state.grpc_server``)."""
+    (``app.state.grpc_server``). ``rescan_on_sighup``: SIGHUP makes the repository load anew every model
+    whose files changed (the process's main thread only). ``on_runtime_released``: called (in the loader
+    thread) after a replaced model's runtime is released."""
     names = configured_models(settings)
     metrics = Metrics(names)
-    repository = ModelRepository(names, settings, metrics, loader=runtime_loader)
+    repository = ModelRepository(
+        names, settings, metrics, loader=runtime_loader, on_released=on_runtime_released
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -56,9 +63,21 @@ def create_app(
             await grpc_server.start()  # a port that cannot be bound fails the startup
         app.state.grpc_server = grpc_server
         loading = asyncio.create_task(_load_models(repository, on_models_loaded), name="load-models")
+        rescans: set[asyncio.Task[None]] = set()
+        if rescan_on_sighup:
+
+            def rescan() -> None:
+                log.info("SIGHUP: rescanning the model repository")
+                task = asyncio.get_running_loop().create_task(_rescan(loading, repository), name="rescan")
+                rescans.add(task)
+                task.add_done_callback(rescans.discard)
+
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, rescan)
         try:
             yield
         finally:
+            if rescan_on_sighup:
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             if grpc_server is not None:
                 # Its calls in flight are answered before the batchers stop. (python -m service has
                 # already refused new calls since the moment the HTTP port closed.)
@@ -98,6 +117,11 @@ def create_app(
         app.add_middleware(BearerAuth, token=token)
     app.add_middleware(RequestContext, metrics=metrics, metrics_path=classify.PATH)
     return app
+
+
+async def _rescan(loading: asyncio.Task[None], repository: ModelRepository) -> None:
+    await asyncio.shield(loading)  # a rescan during the first load waits for it to finish
+    await repository.rescan()
 
 
 async def _load_models(repository: ModelRepository, on_models_loaded: Callable[[], None] | None) -> None:

@@ -128,6 +128,13 @@ class Settings(BaseSettings):
     # One backend for every model (``auto``), or a default plus per-model overrides:
     # ``auto,mobilenet_v2=tensorrt``. Normalised to ``default[,name=backend...]``; see backend_for().
     backend: BackendChoice = BackendChoice("auto")
+    # The version a model serves when a request names none: ``mobilenet_v2=2,shufflenet_v2=1``. A pinned
+    # model loads only that version; the others load every version their directory holds and serve
+    # the highest one that is ready.
+    model_versions: Annotated[dict[str, int], NoDecode] = Field(default_factory=dict)
+    # POST /v2/repository/index, .../models/{m}/load and .../unload (behind the bearer token when one
+    # is set). SIGHUP rescans the repository whether or not this is on.
+    repository_api: bool = False
 
     # --- dynamic batching and admission ----------------------------------------------------
     # Unset: the backend's default (CPU_BATCHING / GPU_BATCHING above).
@@ -198,6 +205,21 @@ class Settings(BaseSettings):
             names = tuple(name.strip() for name in value.split(",") if name.strip())
             return names or None
         return value
+
+    @field_validator("model_versions", mode="before")
+    @classmethod
+    def _parse_versions(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        pins: dict[str, int] = {}
+        for item in (part.strip() for part in value.split(",")):
+            if not item:
+                continue
+            name, equals, version = item.partition("=")
+            if not equals or not name.strip() or not version.strip().isdigit() or int(version) < 1:
+                raise ValueError(f"MODEL_VERSIONS: {item!r} is not NAME=VERSION with VERSION an integer >= 1")
+            pins[name.strip()] = int(version)
+        return pins
 
     @field_validator("auth_token")
     @classmethod

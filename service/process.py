@@ -102,6 +102,26 @@ def release_large_blocks() -> bool:
     return True
 
 
+def return_freed_memory() -> bool:
+    """Hand the free pages of every heap back to the OS (glibc's ``malloc_trim``), after a replaced
+    model's runtime is released.
+
+    A runtime's session and the threads that ran it leave their memory free but resident in the
+    heaps of threads that are gone, where only a trim of every heap reaches it (glibc trims the top
+    of the main heap alone by itself): ShuffleNet v2 reloaded 50 times under requests grew the
+    server's RSS by 46 MiB without it. Returns False where the C library is not glibc.
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        malloc_trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return False
+    if malloc_trim is None:
+        return False
+    malloc_trim(0)
+    return True
+
+
 # --- files ------------------------------------------------------------------------------------------
 def use_scratch_dir(path: Path) -> None:
     """Send every temporary file of this process (Python's tempfile, and native libraries reading

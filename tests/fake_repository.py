@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from contract.layout import model_directory
 from contract.manifest import (
     Manifest,
     OnnxFile,
@@ -77,9 +78,11 @@ def write_model(
     seed: int = 0,
     family: str | None = None,
     fixed_batch: bool = False,
+    version: int | None = None,
 ) -> Path:
-    """``root/name/{model.onnx, model.json}`` for a tiny classifier; returns the model directory."""
-    directory = Path(root) / name
+    """``root/name/{model.onnx, model.json}`` (``root/name/version/...`` with a version) for a tiny
+    classifier; returns the model directory."""
+    directory = model_directory(Path(root), name, version)
     onnx_path = make_onnx(directory / "model.onnx", resolution, seed=seed, fixed_batch=fixed_batch)
     manifest = Manifest(
         name=name,

@@ -188,38 +188,5 @@ def ready_service(repository: Path, log_path: Path, **env: str) -> Iterator[Serv
         process.stop()
 
 
-# Variables the service reads: a developer's shell must not leak them into a test's server.
-_SERVICE_VARIABLES = frozenset(
-    {
-        "MODEL_REPOSITORY",
-        "MODELS",
-        "BACKEND",
-        "MAX_BATCH_SIZE",
-        "MAX_QUEUE_DELAY_MS",
-        "MAX_QUEUE_SIZE",
-        "MAX_CONCURRENT_BATCHES",
-        "EVENT_LOOP_PREEMPTS",
-        "REQUEST_TIMEOUT_S",
-        "MAX_BODY_BYTES",
-        "BODY_READ_TIMEOUT_S",
-        "HEADER_TIMEOUT_S",
-        "MAX_HEADER_BYTES",
-        "MAX_IMAGE_PIXELS",
-        "INTRA_OP_THREADS",
-        "INTER_OP_THREADS",
-        "EXECUTION_MODE",
-        "DECODE_THREADS",
-        "WARMUP",
-        "LOG_LEVEL",
-        "LOG_FORMAT",
-        "HOST",
-        "PORT",
-        "SHUTDOWN_GRACE_S",
-        "SCRATCH_DIR",
-        "DOCS_ENABLED",
-        "AUTH_TOKEN",
-        "AUTH_TOKEN_FILE",
-        "METRICS_PORT",
-        "GRPC_PORT",
-    }
-)
+# Every variable the service reads: a developer's own settings never leak into a test's server.
+_SERVICE_VARIABLES = frozenset(name.upper() for name in Settings.model_fields)

@@ -51,7 +51,8 @@ def test_classify_a_jpeg(client):
     response = classify(client, top_k=5)
     assert response.status_code == 200, response.text
     body = response.json()
-    assert set(body) == {"model", "backend", "predictions", "timings_ms"}
+    assert set(body) == {"model", "version", "backend", "predictions", "timings_ms"}
+    assert body["version"] == 1  # the flat layout is version 1
     assert (body["model"], body["backend"]) == ("mobilenet_v2", "onnxruntime-cpu")
     predictions = body["predictions"]
     assert len(predictions) == 5

@@ -16,7 +16,7 @@ import models
 from builder import host, weights
 from builder.onnx_model import PARITY_TOLERANCE
 from builder.staleness import up_to_date
-from contract import zoo
+from contract import layout, zoo
 from contract.manifest import Manifest, WeightsProvenance, sha256_of
 
 REPO = Path(__file__).resolve().parents[1]
@@ -201,3 +201,24 @@ def test_parity_failure_fails_the_build_and_publishes_nothing(tmp_path, monkeypa
     assert code != 0
     assert list((tmp_path / "shufflenet_v2_0.5x").iterdir()) == []
     assert "FAILED" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_version_writes_a_numbered_directory(tmp_path):
+    name, out = MODELS[0], tmp_path / "repo"
+    result = run_build("--models", name, "--weights", "random", "--out", str(out), "--version", "2")
+    assert result.returncode == 0, result.stderr
+    assert str(out / name / "2") in result.stdout + result.stderr
+    assert sorted(p.name for p in (out / name / "2").iterdir()) == ["model.json", "model.onnx"]
+    assert layout.versions(out / name) == {2: out / name / "2"}
+    manifest = Manifest.load(out / name / "2")
+    assert manifest.name == name and manifest.onnx.sha256 == sha256_of(out / name / "2" / "model.onnx")
+
+
+def test_version_must_be_a_positive_integer(capsys):
+    assert build_engines.parse_args(["--version", "3"]).version == 3
+    assert build_engines.parse_args([]).version is None
+    for bad in ("0", "-3", "two"):
+        with pytest.raises(SystemExit) as exit_info:
+            build_engines.parse_args(["--version", bad])
+        assert exit_info.value.code == 2 and "--version" in capsys.readouterr().err

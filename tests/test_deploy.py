@@ -183,10 +183,15 @@ def test_overlay_builds_with_every_resource(overlay):
 
 
 def _with_queue_depth_component(tmp_path: Path) -> list[dict[str, Any]]:
+    return _with_component(tmp_path, "queue-depth-autoscaling")
+
+
+def _with_component(tmp_path: Path, name: str) -> list[dict[str, Any]]:
+    """The cpu overlay with the component ``name`` added, built."""
     overlay = tmp_path / "overlay"
     overlay.mkdir()
     base = os.path.relpath(K8S / "overlays" / "cpu", overlay)
-    component = os.path.relpath(K8S / "components" / "queue-depth-autoscaling", overlay)
+    component = os.path.relpath(K8S / "components" / name, overlay)
     (overlay / "kustomization.yaml").write_text(
         f"resources:\n  - {base}\ncomponents:\n  - {component}\n", encoding="utf-8"
     )
@@ -221,6 +226,26 @@ def test_queue_depth_component_builds_and_validates(tmp_path):
     metrics = _one(docs, "HorizontalPodAutoscaler")["spec"]["metrics"]
     assert [m["type"] for m in metrics] == ["Resource", "Pods"]
     assert metrics[1]["pods"]["metric"]["name"] == "classifier_queue_depth"
+
+
+def test_shared_model_repository_component_mounts_one_volume_read_only_in_every_pod(tmp_path):
+    docs = _with_component(tmp_path, "shared-model-repository")
+    assert _validate_builtin(docs) == 9  # the overlay's 8 and the PersistentVolumeClaim
+    claim = _one(docs, "PersistentVolumeClaim")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"], "every pod, on any node, mounts it"
+    pod = _pod_spec(docs)
+    server = _server(pod)
+    config = _config(docs, server)
+    (mount,) = [m for m in server["volumeMounts"] if m["mountPath"] == config["MODEL_REPOSITORY"]]
+    assert mount["readOnly"] is True
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["persistentVolumeClaim"] == {"claimName": claim["metadata"]["name"], "readOnly": True}
+    # Loading stays behind kubectl exec (SIGHUP): no unauthenticated repository API.
+    assert config["REPOSITORY_API"] == "false" and "AUTH_TOKEN" not in config
+    # What the overlay had stays: the scratch /tmp, the probes, the rollout.
+    assert any(m["mountPath"] == "/tmp" for m in server["volumeMounts"])
+    assert server["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert config["MODEL_REPOSITORY"] != "/app/model_repository"
 
 
 def test_strict_validation_catches_a_misspelt_field():
@@ -360,6 +385,29 @@ def test_sigkill_comes_after_the_prestop_sleep_and_the_drain(overlay):
     drain = float(_config(docs, server)["SHUTDOWN_GRACE_S"])
     assert pre_stop >= 5, "the endpoint removal needs a few seconds to propagate"
     assert pod["terminationGracePeriodSeconds"] > pre_stop + drain
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_a_rollout_keeps_serving(overlay):
+    """A new image rolls out without dropping below the capacity serving now: a new pod starts first
+    (maxSurge 1), takes traffic only once /readyz says its models are loaded and warmed, and only then
+    is an old one stopped (maxUnavailable 0), which leaves the endpoints before SIGTERM (preStop) and
+    drains before SIGKILL (test_sigkill_comes_after_the_prestop_sleep_and_the_drain)."""
+    docs = _docs(overlay)
+    deployment = _one(docs, "Deployment")
+    strategy = deployment["spec"]["strategy"]
+    assert strategy["type"] == "RollingUpdate"
+    assert strategy["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
+    server = _server(_pod_spec(docs))
+    for probe in ("startupProbe", "readinessProbe"):
+        assert server[probe]["httpGet"]["path"] == "/readyz", probe
+    # /readyz waits for the warm-up only when there is one: a rollout must not turn it off.
+    from service.config import Settings
+
+    warmup = _config(docs, server).get("WARMUP")
+    assert Settings.model_fields["warmup"].default is True
+    assert warmup is None or Settings(model_repository=REPO, warmup=warmup).warmup
+    assert server["lifecycle"]["preStop"]["sleep"]["seconds"] >= 5
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

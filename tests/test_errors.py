@@ -140,9 +140,10 @@ def test_top_k_limits_are_read_by_both_the_validation_and_the_schema(openapi):
     schema = parameters["top_k"]["schema"]
     assert schema["type"] == "integer"
     low, high, default = schema["minimum"], schema["maximum"], schema["default"]
-    assert classify.classify_query(QueryParams({"model": "m"})) == ("m", default)
+    assert classify.classify_query(QueryParams({"model": "m"})) == ("m", default, None)
     for top_k in (low, high):
-        assert classify.classify_query(QueryParams({"model": "m", "top_k": str(top_k)})) == ("m", top_k)
+        query = QueryParams({"model": "m", "top_k": str(top_k)})
+        assert classify.classify_query(query) == ("m", top_k, None)
     for top_k in (low - 1, high + 1):
         with pytest.raises(errors.InvalidParameter, match="top_k"):
             classify.classify_query(QueryParams({"model": "m", "top_k": str(top_k)}))
@@ -150,9 +151,20 @@ def test_top_k_limits_are_read_by_both_the_validation_and_the_schema(openapi):
         classify.classify_query(QueryParams({"top_k": "3"}))
 
 
+def test_the_version_parameter_is_validated_and_documented(openapi):
+    parameters = {p["name"]: p for p in openapi["paths"]["/classify"]["post"]["parameters"]}
+    assert parameters["version"]["required"] is False
+    assert parameters["version"]["schema"]["minimum"] == 1
+    assert classify.classify_query(QueryParams({"model": "m", "version": "3"})) == ("m", 5, 3)
+    for version in ("0", "-1", "two", "1.5"):
+        with pytest.raises(errors.InvalidParameter, match="version"):
+            classify.classify_query(QueryParams({"model": "m", "version": version}))
+
+
 def test_the_classification_is_encoded_by_its_documented_type(openapi):
     answer = {
         "model": "mobilenet_v2",
+        "version": 2,
         "backend": "onnxruntime-cpu",
         "predictions": [
             {"class_id": 281 + i, "label": "tabby, tabby cat", "score": 0.5 / (i + 1)} for i in range(5)
@@ -165,5 +177,12 @@ def test_the_classification_is_encoded_by_its_documented_type(openapi):
     documented = openapi["paths"]["/classify"]["post"]["responses"]["200"]["content"]["application/json"]
     assert documented["schema"]["$ref"].endswith("/Classification")
     schema = openapi["components"]["schemas"]["Classification"]
-    assert set(schema["properties"]) == {"model", "backend", "predictions", "results", "timings_ms"}
-    assert set(schema["required"]) == {"model", "backend", "timings_ms"}
+    assert set(schema["properties"]) == {
+        "model",
+        "version",
+        "backend",
+        "predictions",
+        "results",
+        "timings_ms",
+    }
+    assert set(schema["required"]) == {"model", "version", "backend", "timings_ms"}

@@ -40,6 +40,9 @@ CONTRACT = {
     "classifier_model_memory_access_cost": ("gauge", {"model"}),
     "classifier_model_ready": ("gauge", {"model"}),
     "classifier_model_load_duration_seconds": ("gauge", {"model"}),
+    "classifier_model_loads": ("counter", {"model"}),
+    "classifier_model_load_failures": ("counter", {"model"}),
+    "classifier_model_version": ("gauge", {"model"}),
     "classifier_model_info": ("gauge", {"model", "family", "backend", "precision", "weights", "input_size"}),
 }
 LATENCY_HISTOGRAMS = (
@@ -67,7 +70,7 @@ def _load(metrics: Metrics, model: str, backend: str = BACKEND, **overrides: obj
         "flops": 569_000_000,
         "params": 4_231_976,
         "memory_access_cost": 1_000_000,
-        "load_seconds": 1.5,
+        "version": 1,
     }
     facts.update(overrides)
     metrics.model_loaded(model, **facts)
@@ -206,11 +209,15 @@ def test_queue_depth_is_read_at_scrape_time(metrics):
 
 
 def test_model_loaded_sets_the_static_facts(metrics):
-    _load(metrics, "mobilenet_v2", flops=300_774_272, params=3_504_872, memory_access_cost=7_000_000)
+    _load(
+        metrics, "mobilenet_v2", flops=300_774_272, params=3_504_872, memory_access_cost=7_000_000, version=3
+    )
+    metrics.record_load("mobilenet_v2", seconds=1.5, failed=False)
     assert value(metrics, "classifier_model_flops", model="mobilenet_v2") == 300_774_272
     assert value(metrics, "classifier_model_parameters", model="mobilenet_v2") == 3_504_872
     assert value(metrics, "classifier_model_memory_access_cost", model="mobilenet_v2") == 7_000_000
     assert value(metrics, "classifier_model_load_duration_seconds", model="mobilenet_v2") == 1.5
+    assert value(metrics, "classifier_model_version", model="mobilenet_v2") == 3
     info = {
         "model": "mobilenet_v2",
         "family": "mobilenet_v2",
@@ -235,6 +242,23 @@ def test_reloading_onto_another_backend_replaces_the_info_series(metrics):
     assert [s.labels["backend"] for s in info] == [BACKEND]
 
 
+def test_loads_and_failures_are_counted_per_model(metrics):
+    assert value(metrics, "classifier_model_loads_total", model="shufflenet_v2") == 0
+    metrics.record_load("shufflenet_v2", seconds=0.4, failed=False)
+    metrics.record_load("shufflenet_v2", seconds=0.2, failed=True)
+    assert value(metrics, "classifier_model_loads_total", model="shufflenet_v2") == 2
+    assert value(metrics, "classifier_model_load_failures_total", model="shufflenet_v2") == 1
+    # The last load's duration, failed or not.
+    assert value(metrics, "classifier_model_load_duration_seconds", model="shufflenet_v2") == 0.2
+
+
+def test_a_model_added_after_the_start_gets_its_own_series(metrics):
+    assert metrics.label("mobilenet_v2_x0.5") == "_unknown"
+    metrics.add_model("mobilenet_v2_x0.5")
+    assert metrics.label("mobilenet_v2_x0.5") == "mobilenet_v2_x0.5"
+    assert value(metrics, "classifier_model_ready", model="mobilenet_v2_x0.5") == 0
+
+
 def test_set_ready(metrics):
     metrics.set_ready("mobilenet_v1", True)
     assert value(metrics, "classifier_model_ready", model="mobilenet_v1") == 1
@@ -253,6 +277,7 @@ def _fully_populated() -> Metrics:
     metrics = Metrics(MODELS)
     for i, model in enumerate(MODELS):
         _load(metrics, model)
+        metrics.record_load(model, seconds=0.5, failed=False)
         metrics.set_ready(model, True)
         metrics.track_queue_depth(model, lambda i=i: i)
         metrics.observe_decode(model, 0.003)

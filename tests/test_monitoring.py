@@ -4,7 +4,9 @@ The offline half runs promtool over the config and rules (syntax, alert unit tes
 dashboard's structure and that every query parses. The live half builds the four default models with
 random weights, serves them, points Debian's Prometheus at the service on loopback, drives load at
 every model and evaluates every dashboard query and every recording rule: each must return data for
-each model. promtool and prometheus come from monitoring/install-prometheus.sh (run by make test).
+each model. A SIGHUP under load reloads one model (a new version) and fails to load another (a broken
+one), and the load annotations must mark both. promtool and prometheus come from
+monitoring/install-prometheus.sh (run by make test).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -34,6 +37,7 @@ import pytest
 import yaml
 
 from contract.zoo import DEFAULT_MODELS
+from tests.fake_repository import corrupt
 
 REPO = Path(__file__).resolve().parents[1]
 PROMETHEUS_DIR = REPO / "monitoring" / "prometheus"
@@ -84,6 +88,11 @@ def _panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
         panels.append(panel)
         panels.extend(panel.get("panels", []))
     return panels
+
+
+def _load_annotations(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
+    """The annotations that query Prometheus (Grafana's built-in one aside)."""
+    return [a for a in dashboard["annotations"]["list"] if not a.get("builtIn")]
 
 
 def _concrete(expr: str, model: str, rate_interval: str = "20s", range_: str = "1m") -> str:
@@ -232,6 +241,17 @@ def test_dashboard_structure():
                 f"{panel['title']} {target['refId']} ignores the model variable"
             )
 
+    annotations = _load_annotations(dashboard)
+    assert annotations, "no annotation marks the model loads"
+    for annotation in annotations:
+        assert annotation["datasource"]["uid"] == datasource_uid, annotation["name"]
+        assert annotation["enable"] is True and annotation["hide"] is False, annotation["name"]
+        assert 'model=~"$model"' in annotation["expr"], f"{annotation['name']} ignores the model variable"
+        assert "{{model}}" in annotation["titleFormat"], annotation["name"]
+        assert annotation["tagKeys"] == "model", annotation["name"]
+    names = [a["name"] for a in dashboard["annotations"]["list"]]
+    assert len(names) == len(set(names)), names
+
     (variable,) = dashboard["templating"]["list"]
     assert variable["name"] == "model"
     assert variable["datasource"]["uid"] == datasource_uid
@@ -257,8 +277,25 @@ def test_dashboard_covers_what_the_design_asks_for():
         "classifier_model_parameters",
         "classifier_model_memory_access_cost",
         "classifier_model_info",
+        "classifier_model_version",
+        "classifier_model_loads_total",
+        "classifier_model_load_failures_total",
+        "classifier_model_load_duration_seconds",
     ):
         assert needle in exprs, needle
+
+
+def test_dashboard_marks_reloads_and_failed_loads_in_different_colours():
+    annotations = {a["expr"].split("changes(")[1].split("{")[0]: a for a in _load_annotations(_dashboard())}
+    assert set(annotations) == {"classifier_model_loads_total", "classifier_model_load_failures_total"}
+    reloads = annotations["classifier_model_loads_total"]
+    failures = annotations["classifier_model_load_failures_total"]
+    assert reloads["iconColor"] != failures["iconColor"]
+    assert reloads["titleFormat"] == "reload of {{model}}"
+    assert failures["titleFormat"] == "failed load of {{model}}"
+    for annotation in (reloads, failures):
+        # A mark only where the counter moved: a quiet model draws nothing.
+        assert annotation["expr"].endswith("> 0"), annotation["expr"]
 
 
 def test_every_dashboard_expr_parses(tmp_path):
@@ -272,6 +309,13 @@ def test_every_dashboard_expr_parses(tmp_path):
                     "expr": _concrete(target["expr"], _models_regex(DEFAULT_MODELS)),
                 }
             )
+    for i, annotation in enumerate(_load_annotations(_dashboard())):
+        rules.append(
+            {
+                "record": f"dashboard:annotation_{i}",
+                "expr": _concrete(annotation["expr"], _models_regex(DEFAULT_MODELS)),
+            }
+        )
     assert rules
     path = tmp_path / "dashboard_exprs.yml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
@@ -406,9 +450,20 @@ def _finite(sample: dict[str, Any]) -> bool:
     return math.isfinite(float(sample["value"][1]))
 
 
-def _checks(models: tuple[str, ...]) -> list[tuple[str, str, set[str] | None]]:
-    """(what, concrete expr, models each must return a finite value for; None: any finite value)."""
+def _checks(models: tuple[str, ...], *, reloaded: str, failed: str) -> list[tuple[str, str, set[str] | None]]:
+    """(what, concrete expr, models each must return a finite value for; None: any finite value).
+
+    The load annotations mark only the models that were loaded anew (``reloaded`` with success,
+    ``failed`` without) while Prometheus watched."""
     checks: list[tuple[str, str, set[str] | None]] = []
+    marked = {
+        "classifier_model_loads_total": {reloaded, failed},
+        "classifier_model_load_failures_total": {failed},
+    }
+    for annotation in _load_annotations(_dashboard()):
+        (counter,) = [name for name in marked if f"changes({name}{{" in annotation["expr"]]
+        expr = _concrete(annotation["expr"], _models_regex(models))
+        checks.append((f"annotation {annotation['name']!r}", expr, marked[counter]))
     for panel in _panels(_dashboard()):
         for target in panel.get("targets", []):
             what = f"panel {panel['id']} {panel['title']!r} {target['refId']}"
@@ -514,12 +569,19 @@ def test_every_panel_and_rule_returns_data_for_every_model_under_load(model_repo
                 return {s["metric"]["model"] for s in result} >= set(models)
 
             _wait_until(scraped_twice, 60, "two scrapes under load", prometheus, prometheus_log)
+            # Under load and under Prometheus's eye, SIGHUP rescans the repository, where one model has
+            # gained a version 2 (it loads and serves) and another a broken one (its load fails and
+            # version 1 keeps serving): the load annotations must mark both.
+            reloaded, failed = models[0], models[1]
+            _add_version(model_repository / reloaded, tmp_path)
+            corrupt(_add_version(model_repository / failed, tmp_path))
+            service.send_signal(signal.SIGHUP)
             while time.monotonic() - started < LOAD_MIN_S:
                 time.sleep(0.5)
 
             # Rules evaluate every second and windows fill as load goes on: re-check what is still
             # missing until everything answers or the deadline passes, while the load continues.
-            pending = _checks(models)
+            pending = _checks(models, reloaded=reloaded, failed=failed)
             failures: dict[str, str] = {}
             deadline = time.monotonic() + EVALUATE_S
             while pending and time.monotonic() < deadline:
@@ -581,6 +643,23 @@ def test_every_panel_and_rule_returns_data_for_every_model_under_load(model_repo
         "classifier_model_ready",
         "classifier_model_load_duration_seconds",
         "classifier_model_info",
+        "classifier_model_version",
+        "classifier_model_loads_total",
+        "classifier_model_load_failures_total",
     ):
         for model in models:
             assert re.search(rf'^{name}{{[^}}]*model="{re.escape(model)}"', text, re.M), (name, model)
+    assert re.search(rf'^classifier_model_version{{model="{reloaded}"}} 2\.0$', text, re.M), "not reloaded"
+    assert re.search(rf'^classifier_model_version{{model="{failed}"}} 1\.0$', text, re.M), "not kept"
+    assert re.search(rf'^classifier_model_load_failures_total{{model="{failed}"}} 1\.0$', text, re.M)
+
+
+def _add_version(model_dir: Path, scratch: Path, version: int = 2) -> Path:
+    """A copy of a flat model directory's files as its version ``version``, moved in whole, as an
+    operator would (a half-copied version must never be what a rescan sees)."""
+    staging = scratch / f"{model_dir.name}-{version}"
+    staging.mkdir()
+    for path in model_dir.iterdir():
+        if path.is_file():
+            shutil.copy2(path, staging / path.name)
+    return staging.rename(model_dir / str(version))

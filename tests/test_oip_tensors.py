@@ -148,10 +148,10 @@ def test_classification_strings_are_score_index_label():
 
 # --- model.py -----------------------------------------------------------------------------------------
 def test_model_metadata_is_truthful(served):
-    metadata = oip_model.model_metadata(served)
+    metadata = oip_model.model_metadata(served, [1, 3])
     assert metadata == {
         "name": "mobilenet_v2",
-        "versions": ["1"],
+        "versions": ["1", "3"],
         "platform": "onnx_onnxv1",
         "inputs": [
             {"name": "image", "datatype": "BYTES", "shape": [-1]},

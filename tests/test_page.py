@@ -112,7 +112,7 @@ def test_picking_an_image_shows_the_top5_timings_and_live_latency(browser, serve
         assert (
             widths[0] == 100 and all(0 < w <= 100 for w in widths) and widths == sorted(widths, reverse=True)
         )
-        assert page.text_content("#result-meta") == "shufflenet_v2 on onnxruntime-cpu"
+        assert page.text_content("#result-meta") == "shufflenet_v2 version 1 on onnxruntime-cpu"
         stages = page.eval_on_selector_all(
             "#timings div", "ds => ds.map(d => [d.dataset.stage, d.textContent])"
         )
@@ -122,10 +122,10 @@ def test_picking_an_image_shows_the_top5_timings_and_live_latency(browser, serve
         # The table: cost from the manifests, and a live p50 for the model just used.
         row = page.locator("#models tbody tr[data-model='shufflenet_v2'] td")
         cells = row.all_text_contents()
-        assert cells[:3] == ["shufflenet_v2", "ready", "onnxruntime-cpu"]
+        assert cells[:4] == ["shufflenet_v2", "ready", "1", "onnxruntime-cpu"]
         manifest = Manifest.load(server.repository / "shufflenet_v2")  # the tiny test model
-        assert cells[3] == f"{manifest.flops / 1e6:.2f}" and cells[4] == f"{manifest.params / 1e6:.2f}"
-        assert cells[5] == f"{manifest.memory_access_cost / 1e6:.2f}" and cells[6] == "random"
+        assert cells[4] == f"{manifest.flops / 1e6:.2f}" and cells[5] == f"{manifest.params / 1e6:.2f}"
+        assert cells[6] == f"{manifest.memory_access_cost / 1e6:.2f}" and cells[7] == "random"
         page.wait_for_function(
             "/\\d ms$/.test(document.querySelector(\"tr[data-model='shufflenet_v2'] .p50\").textContent)"
         )

@@ -36,6 +36,8 @@ NOT_2XX = M + ', code!~"2.."'
 RATE = "[$__rate_interval]"
 # The table and the distribution summarise the whole selected range rather than its last moments.
 RANGE = "[$__range]"
+# Loads are rare events: a counter's changes over a minute, evaluated every minute, mark each one once.
+LOAD_STEP = "1m"
 
 
 def _rate(metric: str, window: str = RATE, selector: str = M) -> str:
@@ -454,12 +456,20 @@ def _panels() -> list[Panel]:
         _table(
             "Served models",
             "What each replica serves. weights = random means no published weights were available "
-            "at build time: timings are real, predictions are meaningless.",
+            "at build time: timings are real, predictions are meaningless. version = the version served "
+            "to requests that name none (the highest over replicas); last load time = how long the "
+            "last load of a version took; loads and failed loads over the selected range.",
             _grid(0, 71, 24, 7),
             [
                 ("info", f"max by ({', '.join(info_labels)}) (classifier_model_info{{{M}}})"),
                 ("ready replicas", f"sum by (model) (classifier_model_ready{{{M}}})"),
-                ("load time", f"max by (model) (classifier_model_load_duration_seconds{{{M}}})"),
+                ("version", f"max by (model) (classifier_model_version{{{M}}})"),
+                ("last load time", f"max by (model) (classifier_model_load_duration_seconds{{{M}}})"),
+                ("loads", f"sum by (model) (increase(classifier_model_loads_total{{{M}}}{RANGE}))"),
+                (
+                    "failed loads",
+                    f"sum by (model) (increase(classifier_model_load_failures_total{{{M}}}{RANGE}))",
+                ),
             ],
             overrides=[
                 _mapping_override(
@@ -470,13 +480,34 @@ def _panels() -> list[Panel]:
                         "file": ("file", "blue"),
                     },
                 ),
-                _unit_override("load time", "s", 2),
+                _unit_override("version", "none", 0),
+                _unit_override("last load time", "s", 2),
+                _unit_override("loads", "short", 0),
+                _unit_override("failed loads", "short", 0),
             ],
             keep_labels=info_labels,
             sort_by="model",
             hide=("A",),
         )
     )
+
+    add(
+        _timeseries(
+            "Version served per model",
+            "The version requests that name none get (classifier_model_version), highest and lowest "
+            "over replicas: the two differ while replicas are reloaded one by one or an image rolls "
+            "out. Reloads and failed loads are marked on every panel (annotations).",
+            _grid(0, 78, 24, 6),
+            [
+                _target("A", f"max by (model) (classifier_model_version{{{M}}})", "{{model}} highest"),
+                _target("B", f"min by (model) (classifier_model_version{{{M}}})", "{{model}} lowest"),
+            ],
+            "none",
+        )
+    )
+    version_panel = panels[-1]
+    version_panel["fieldConfig"]["defaults"]["decimals"] = 0
+    version_panel["fieldConfig"]["defaults"]["custom"]["lineInterpolation"] = "stepAfter"
 
     for panel_id, panel in enumerate(panels, start=1):
         panel["id"] = panel_id
@@ -504,6 +535,43 @@ def _model_variable() -> dict[str, Any]:
     }
 
 
+def _load_annotation(name: str, counter: str, title: str, color: str) -> dict[str, Any]:
+    """A mark wherever ``counter`` (loads, or failed loads, of a model) went up: one region per burst,
+    since Grafana joins consecutive steps of a series into one."""
+    return {
+        "name": name,
+        "datasource": DATASOURCE,
+        "enable": True,
+        "hide": False,
+        "iconColor": color,
+        "expr": f"sum by (model) (changes({counter}{{{M}}}[{LOAD_STEP}])) > 0",
+        "step": LOAD_STEP,
+        "titleFormat": title,
+        "textFormat": "",
+        "tagKeys": "model",
+        "useValueForTime": False,
+    }
+
+
+def annotations() -> list[dict[str, Any]]:
+    """Grafana's own annotations, then reloads (blue) and failed loads (red) from the load counters."""
+    return [
+        {
+            "builtIn": 1,
+            "datasource": {"type": "grafana", "uid": "-- Grafana --"},
+            "enable": True,
+            "hide": True,
+            "iconColor": "rgba(0, 211, 255, 1)",
+            "name": "Annotations & Alerts",
+            "type": "dashboard",
+        },
+        _load_annotation("Model reloads", "classifier_model_loads_total", "reload of {{model}}", "blue"),
+        _load_annotation(
+            "Failed model loads", "classifier_model_load_failures_total", "failed load of {{model}}", "red"
+        ),
+    ]
+
+
 def build_dashboard() -> dict[str, Any]:
     return {
         "uid": UID,
@@ -518,19 +586,7 @@ def build_dashboard() -> dict[str, Any]:
         "refresh": "10s",
         "schemaVersion": 39,
         "version": 1,
-        "annotations": {
-            "list": [
-                {
-                    "builtIn": 1,
-                    "datasource": {"type": "grafana", "uid": "-- Grafana --"},
-                    "enable": True,
-                    "hide": True,
-                    "iconColor": "rgba(0, 211, 255, 1)",
-                    "name": "Annotations & Alerts",
-                    "type": "dashboard",
-                }
-            ]
-        },
+        "annotations": {"list": annotations()},
         "templating": {"list": [_model_variable()]},
         "panels": _panels(),
     }

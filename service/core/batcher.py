@@ -148,11 +148,13 @@ class Batcher:
         self._batch_seconds = 0.05
 
     # --- lifecycle ------------------------------------------------------------------------------
-    def start(self) -> None:
-        """Start the inference threads; answers go to the running event loop."""
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Start the inference threads; answers go to ``loop``, by default the running one. (A model
+        loaded while others serve starts its threads from the thread that loaded it, so that they
+        take that thread's scheduling, not the event loop's: see ``service/core/repository.py``.)"""
         if self._threads:
             raise RuntimeError(f"batcher for {self.model} already started")
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop or asyncio.get_running_loop()
         self._threads_done = asyncio.Event()
         self._threads_left = self.max_concurrent_batches
         # Daemon threads: a runtime call stuck past the shutdown grace period cannot be interrupted,
@@ -188,6 +190,17 @@ class Batcher:
             for request in list(self._pending):
                 if not request.future.done():
                     request.future.set_exception(ModelUnavailable(f"{self.model} is shutting down"))
+
+    async def drain(self, grace_s: float) -> None:
+        """Stop once every request already admitted or submitted has its answer: for a model that
+        has been replaced, whose batcher no new request can reach any more, but whose last requests
+        may still be reading their bodies. After ``grace_s`` seconds it stops regardless."""
+        deadline = time.monotonic() + grace_s
+        # Polled, not signalled: this runs once per replaced model, and an event set at the last answer
+        # would cost every request a check.
+        while (self._admitted or self._pending) and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
+        await self.stop(max(0.0, deadline - time.monotonic()))
 
     @property
     def depth(self) -> int:

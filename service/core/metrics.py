@@ -141,6 +141,24 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.model_loads = Counter(
+            "classifier_model_loads",
+            "Loads of a model version (each read, verified and warmed up), failed ones included.",
+            ["model"],
+            registry=r,
+        )
+        self.model_load_failures = Counter(
+            "classifier_model_load_failures",
+            "Loads of a model version that failed (the version served before stays served).",
+            ["model"],
+            registry=r,
+        )
+        self.model_version = Gauge(
+            "classifier_model_version",
+            "The version a model serves to requests that name none.",
+            ["model"],
+            registry=r,
+        )
         self.model_info = Gauge(
             "classifier_model_info",
             "Static facts about a served model (value is always 1).",
@@ -155,10 +173,21 @@ class Metrics:
         self._inference_by_backend: dict[tuple[str, str], Histogram] = {}
         self._info_labels: dict[str, tuple[str, ...]] = {}
         for model in self.known_models:
-            # Labelled series exist only once touched: create them so dashboards see every model at 0.
-            # ``_unknown`` is left to appear when a client first misspells a name.
-            self._children(model)
-            self.model_ready.labels(model).set(0)
+            self._touch(model)
+
+    def _touch(self, model: str) -> None:
+        # Labelled series exist only once touched: create them so dashboards see every model at 0.
+        # ``_unknown`` is left to appear when a client first misspells a name.
+        self._children(model)
+        self.model_ready.labels(model).set(0)
+        self.model_loads.labels(model)
+        self.model_load_failures.labels(model)
+
+    def add_model(self, model: str) -> None:
+        """A model loaded after the start (through the repository API): its own series from now on."""
+        if model not in self.known_models:
+            self.known_models = self.known_models | {model}
+            self._touch(model)
 
     def label(self, model: str | None) -> str:
         return model if model in self.known_models else UNKNOWN_MODEL
@@ -176,12 +205,13 @@ class Metrics:
         flops: int,
         params: int,
         memory_access_cost: int,
-        load_seconds: float,
+        version: int,
     ) -> None:
+        """The facts of the version now served under ``model``."""
         self.model_flops.labels(model).set(flops)
         self.model_parameters.labels(model).set(params)
         self.model_memory_access_cost.labels(model).set(memory_access_cost)
-        self.model_load_duration.labels(model).set(load_seconds)
+        self.model_version.labels(model).set(version)
         info = (model, family, backend, precision, weights, str(input_size))
         previous = self._info_labels.get(model)
         if previous is not None and previous != info:
@@ -192,6 +222,13 @@ class Metrics:
         if model in self.known_models:
             # So the inference histogram shows the model before its first batch, under the real backend.
             self._inference(model, backend)
+
+    def record_load(self, model: str, *, seconds: float, failed: bool) -> None:
+        """One load of one version of ``model``, whether or not it is served now."""
+        self.model_loads.labels(model).inc()
+        if failed:
+            self.model_load_failures.labels(model).inc()
+        self.model_load_duration.labels(model).set(seconds)
 
     def set_ready(self, model: str, ready: bool) -> None:
         self.model_ready.labels(model).set(1 if ready else 0)

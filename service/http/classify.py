@@ -47,6 +47,13 @@ TopK = Annotated[
     Field(TOP_K_DEFAULT, ge=1, le=1000, title="Top K", description="how many classes to return, best first"),
 ]
 _TOP_K = TypeAdapter(TopK)
+Version = Annotated[
+    int,
+    Field(
+        ge=1, title="Version", description="a version of the model (default: the one it serves by default)"
+    ),
+]
+_VERSION = TypeAdapter(Version)
 
 # pydantic-core's compiled serializer for the response type, called directly (TypeAdapter.dump_json
 # adds ~0.8 us of Python around it): within ~0.2 us of to_json() on the same dict, ~2.7 us for a top-5
@@ -78,6 +85,7 @@ _OPENAPI: dict[str, Any] = {
     "parameters": [
         _query_parameter("model", TypeAdapter(ModelName), required=True),
         _query_parameter("top_k", _TOP_K, required=False),
+        _query_parameter("version", _VERSION, required=False),
     ],
     "requestBody": {
         "required": True,
@@ -124,11 +132,11 @@ router = APIRouter()
 )
 async def classify(request: Request) -> Response:
     started = time.monotonic()
-    model, top_k = classify_query(request.query_params)
+    model, top_k, version = classify_query(request.query_params)
     request.state.model = model  # the metrics' label (service/http/middleware.py)
     state = request.app.state
     settings = state.settings
-    served = state.repository.get(model)
+    served = state.repository.get(model, version)
     # A place in the model's line before anything is read or decoded: 429 at the door.
     with served.batcher.admit():
         uploads = await read_uploads(
@@ -150,6 +158,7 @@ async def classify(request: Request) -> Response:
         files: list[FileResult] = [{"filename": r.filename, "predictions": r.output} for r in results]
         body: Classification = {
             "model": served.name,
+            "version": served.version,
             "backend": served.runtime.name,
             "results": files,
             "timings_ms": timings,
@@ -157,6 +166,7 @@ async def classify(request: Request) -> Response:
     else:
         body = {
             "model": served.name,
+            "version": served.version,
             "backend": served.runtime.name,
             "predictions": results[0].output,
             "timings_ms": timings,
@@ -164,18 +174,26 @@ async def classify(request: Request) -> Response:
     return ClassificationResponse(body)
 
 
-def classify_query(query: QueryParams) -> tuple[str, int]:
-    """``model`` and ``top_k`` from a /classify query (422 when missing or invalid)."""
+def classify_query(query: QueryParams) -> tuple[str, int, int | None]:
+    """``model``, ``top_k`` and ``version`` from a /classify query (422 when missing or invalid)."""
     model = query.get("model")
     if model is None:
         raise InvalidParameter("model: Field required")
-    top_k = query.get("top_k")
-    if top_k is None:
-        return model, TOP_K_DEFAULT
+    return (
+        model,
+        _parameter(query, "top_k", _TOP_K, TOP_K_DEFAULT),
+        _parameter(query, "version", _VERSION, None),
+    )
+
+
+def _parameter(query: QueryParams, name: str, adapter: TypeAdapter[Any], default: Any) -> Any:
+    value = query.get(name)
+    if value is None:
+        return default
     try:
-        return model, _TOP_K.validate_python(top_k)
+        return adapter.validate_python(value)
     except ValidationError as exc:
-        raise InvalidParameter(validation_message(exc.errors(), "top_k")) from None
+        raise InvalidParameter(validation_message(exc.errors(), name)) from None
 
 
 def _timings_ms(results: list[ImageResult], total_s: float) -> Timings:

@@ -11,7 +11,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.core.repository import ServedModel
+from service.core.repository import ModelRepository, ModelStatus, ServedModel
 from service.errors import InvalidParameter, NotFound, NotReady, Unauthorized, UnknownModel, shown
 from service.http.errors import error_response
 from service.http.schemas import (
@@ -26,11 +26,16 @@ from service.http.schemas import (
 
 router = APIRouter()
 
+# A model unloaded on request is not waited for.
+_SETTLED = (ModelStatus.READY.value, ModelStatus.UNLOADED.value)
+
 
 @router.get("/models", responses={200: {"model": ModelList}, **error_responses(Unauthorized)})
 async def list_models(request: Request) -> JSONResponse:
-    models = request.app.state.repository.models.values()
-    return JSONResponse({"models": [describe(model, detail=False) for model in models]})
+    repository = request.app.state.repository
+    return JSONResponse(
+        {"models": [describe(repository, model, detail=False) for model in repository.models.values()]}
+    )
 
 
 @router.get(
@@ -46,7 +51,7 @@ async def get_model(request: Request, name: str) -> JSONResponse:
     model = repository.models.get(name)
     if model is None:
         raise UnknownModel(f"unknown model {shown(name)}; available models: {', '.join(repository.models)}")
-    return JSONResponse(describe(model, detail=True))
+    return JSONResponse(describe(repository, model, detail=True))
 
 
 @router.get("/healthz", responses={200: {"model": Health}, **error_responses()})
@@ -70,7 +75,9 @@ async def readyz(request: Request) -> JSONResponse:
     }
     if repository.ready:
         return JSONResponse({"ready": True, "models": models})
-    waiting = [f"{name} ({entry['status']})" for name, entry in models.items() if entry["status"] != "ready"]
+    waiting = [
+        f"{name} ({entry['status']})" for name, entry in models.items() if entry["status"] not in _SETTLED
+    ]
     return error_response(NotReady("not ready: " + ", ".join(waiting)), ready=False, models=models)
 
 
@@ -94,11 +101,21 @@ async def index() -> HTMLResponse:
     return HTMLResponse(_index_html())
 
 
-def describe(model: ServedModel, *, detail: bool) -> dict:
-    """What /models says about a model: manifest facts and runtime state (labels only in detail)."""
+def describe(repository: ModelRepository, model: ServedModel, *, detail: bool) -> dict:
+    """What /models says about a model: manifest facts and runtime state of the version it serves by
+    default, its versions and its loads (labels only in detail)."""
     entry: dict = {"name": model.name, "status": model.status.value}
     if model.reason:
         entry["reason"] = model.reason
+    entry["version"] = model.version
+    entry["versions"] = [_describe_version(version) for version in repository.versions(model.name)]
+    history = repository.history[model.name]
+    loads: dict = {"loads": history.loads, "failures": history.failures}
+    if history.last_error:
+        loads["last_error"] = history.last_error
+    if history.last_load_at is not None:
+        loads["last_load_at"] = round(history.last_load_at, 3)
+    entry["loads"] = loads
     if model.runtime is not None:
         entry["backend"] = model.runtime.name
         entry["precision"] = model.runtime.precision
@@ -146,6 +163,17 @@ def describe(model: ServedModel, *, detail: bool) -> dict:
         providers = getattr(model.runtime, "providers", None)
         if providers:
             entry["providers"] = list(providers)
+    return entry
+
+
+def _describe_version(model: ServedModel) -> dict:
+    entry: dict = {"version": model.version, "status": model.status.value}
+    if model.reason:
+        entry["reason"] = model.reason
+    if model.runtime is not None:
+        entry["backend"] = model.runtime.name
+    if model.load_seconds is not None:
+        entry["load_seconds"] = round(model.load_seconds, 3)
     return entry
 
 

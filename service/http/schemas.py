@@ -63,10 +63,29 @@ class Classification(TypedDict):
     """A raw-body request answers with ``predictions``; a multipart one with ``results``, one per file."""
 
     model: str
+    version: Annotated[int, Field(description="the version of the model that answered")]
     backend: str
     predictions: NotRequired[list[Prediction]]
     results: NotRequired[list[FileResult]]
     timings_ms: Timings
+
+
+class ModelVersion(TypedDict):
+    version: int
+    status: str
+    reason: NotRequired[str]
+    backend: NotRequired[str]
+    load_seconds: NotRequired[float]
+
+
+class LoadCounts(TypedDict):
+    """The model's loads since the start (every version's), and the last failure's reason until a
+    load succeeds."""
+
+    loads: int
+    failures: int
+    last_error: NotRequired[str]
+    last_load_at: NotRequired[float]
 
 
 class ModelEntry(BaseModel):
@@ -74,8 +93,11 @@ class ModelEntry(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     name: str
-    status: str = Field(description="loading, ready, failed or unavailable")
+    status: str = Field(description="loading, ready, failed, unavailable or unloaded")
     reason: str | None = None
+    version: int | None = Field(None, description="the version served to requests that name none")
+    versions: list[ModelVersion] = Field(default_factory=list, description="every version held, oldest first")
+    loads: LoadCounts | None = None
 
 
 class ModelList(BaseModel):

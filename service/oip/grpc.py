@@ -6,9 +6,10 @@ through the protocol-neutral OIP layer (``service/oip/infer.py``, ``model.py``, 
 same repository, admission, batchers, deadlines and metrics, and its failures take their gRPC status
 codes from that layer's one table. The messages are the generated ones that Triton's client ships
 (``tritonclient.grpc.service_pb2``), the very ones its clients are built from. Served: ServerLive,
-ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelConfig and ModelInfer (data as
-``raw_input_contents`` / ``raw_output_contents``, or typed contents); any other method of the service
-is UNIMPLEMENTED.
+ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelConfig, ModelInfer (data as
+``raw_input_contents`` / ``raw_output_contents``, or typed contents) and, with REPOSITORY_API,
+RepositoryIndex, RepositoryModelLoad and RepositoryModelUnload (``service/oip/repository_api.py``); any
+other method of the service is UNIMPLEMENTED.
 
 Limits, as on the HTTP port: gRPC itself refuses a message over MAX_BODY_BYTES and a call whose
 metadata is over MAX_HEADER_BYTES (RESOURCE_EXHAUSTED), before anything is parsed. A message that
@@ -47,6 +48,7 @@ from service.errors import ClientDisconnected, InternalError, shown
 from service.http.middleware import new_request_id
 from service.logs import request_id_var
 from service.oip import model as oip_model
+from service.oip import repository_api
 from service.oip.infer import (
     InferenceRequest,
     InferenceResponse,
@@ -58,6 +60,7 @@ from service.oip.infer import (
     configured_model,
     model_metadata,
     served_model,
+    triton_config,
 )
 from service.oip.tensors import BYTES, FP32, TensorFormatError, check_shape, serialize_bytes
 
@@ -151,6 +154,12 @@ class InferenceServicer:
             "ModelMetadata": (self.model_metadata, service_pb2.ModelMetadataResponse),
             "ModelConfig": (self.model_config, service_pb2.ModelConfigResponse),
             "ModelInfer": (self.model_infer, service_pb2.ModelInferResponse),
+            "RepositoryIndex": (self.repository_index, service_pb2.RepositoryIndexResponse),
+            "RepositoryModelLoad": (self.repository_model_load, service_pb2.RepositoryModelLoadResponse),
+            "RepositoryModelUnload": (
+                self.repository_model_unload,
+                service_pb2.RepositoryModelUnloadResponse,
+            ),
         }
         return {
             # No request_deserializer: the method gets the bytes, and parses them itself.
@@ -199,9 +208,8 @@ class InferenceServicer:
     async def model_metadata(self, raw: bytes, context: grpc.aio.ServicerContext) -> Message:
         try:
             request = _parse(service_pb2.ModelMetadataRequest, raw)
-            metadata = model_metadata(
-                configured_model(self._repository, request.name, request.version or None)
-            )
+            model = configured_model(self._repository, request.name, request.version or None)
+            metadata = model_metadata(self._repository, model)
         except OipError as exc:
             await _abort(context, exc)
         return service_pb2.ModelMetadataResponse(**metadata)
@@ -212,8 +220,44 @@ class InferenceServicer:
             served = served_model(self._repository, request.name, request.version or None)
         except OipError as exc:
             await _abort(context, exc)
-        config = oip_model.model_config(served, request_timeout_s=self._settings.request_timeout_s)
+        timeout_s = self._settings.request_timeout_s
+        config = triton_config(self._repository, served, request_timeout_s=timeout_s)
         return service_pb2.ModelConfigResponse(config=ParseDict(config, model_config_pb2.ModelConfig()))
+
+    # --- the model repository extension -------------------------------------------------------------
+    async def repository_index(self, raw: bytes, context: grpc.aio.ServicerContext) -> Message:
+        try:
+            repository_api.check_enabled(self._settings)
+            request = _parse(service_pb2.RepositoryIndexRequest, raw)
+        except OipError as exc:
+            await _abort(context, exc)
+        entries = repository_api.index(self._repository, self._settings, ready_only=request.ready)
+        models = [service_pb2.RepositoryIndexResponse.ModelIndex(**entry) for entry in entries]
+        return service_pb2.RepositoryIndexResponse(models=models)
+
+    async def repository_model_load(self, raw: bytes, context: grpc.aio.ServicerContext) -> Message:
+        await self._change_model(raw, context, service_pb2.RepositoryModelLoadRequest, repository_api.load)
+        return service_pb2.RepositoryModelLoadResponse()
+
+    async def repository_model_unload(self, raw: bytes, context: grpc.aio.ServicerContext) -> Message:
+        request_type = service_pb2.RepositoryModelUnloadRequest
+        await self._change_model(raw, context, request_type, repository_api.unload)
+        return service_pb2.RepositoryModelUnloadResponse()
+
+    async def _change_model(
+        self,
+        raw: bytes,
+        context: grpc.aio.ServicerContext,
+        request_type: type[Message],
+        change: Callable[[ModelRepository, str], Awaitable[None]],
+    ) -> None:
+        try:
+            repository_api.check_enabled(self._settings)
+            request = _parse(request_type, raw)
+            repository_api.check_parameters({"parameters": dict(request.parameters)})
+            await change(self._repository, request.model_name)
+        except OipError as exc:
+            await _abort(context, exc)
 
     # --- inference --------------------------------------------------------------------------------
     async def model_infer(self, raw: bytes, context: grpc.aio.ServicerContext) -> Message:

@@ -9,6 +9,8 @@ stack as ``/classify`` is (past FastAPI's router and its per-request machinery).
 | ``GET /v2/models/{m}[/versions/{v}]/ready`` | 200 when the model is ready, else 400 |
 | ``GET /v2/models/{m}[/versions/{v}]/config`` | Triton's model configuration |
 | ``POST /v2/models/{m}[/versions/{v}]/infer`` | inference: JSON, or JSON then binary tensor data |
+| ``POST /v2/repository/index`` | the models and versions, and their state (``{"ready": true}``: ready) |
+| ``POST /v2/repository/models/{m}/load``, ``.../unload`` | load or reload a model, unload it |
 
 An inference takes a place in its model's line before its body is read (429 at the door, as for
 ``/classify``), reads the body once under ``MAX_BODY_BYTES`` and ``BODY_READ_TIMEOUT_S``, and is
@@ -35,6 +37,7 @@ from service.core.repository import ModelRepository, ModelStatus
 from service.errors import BodyReadTimeout, ClientDisconnected, PayloadTooLarge, ServiceError, shown
 from service.http.uploads import cancel_on_disconnect, read_body
 from service.oip import model as oip_model
+from service.oip import repository_api
 from service.oip.infer import (
     InferenceRequest,
     InferenceResponse,
@@ -47,6 +50,7 @@ from service.oip.infer import (
     infer,
     model_metadata,
     served_model,
+    triton_config,
 )
 from service.oip.tensors import (
     BinarySections,
@@ -84,6 +88,9 @@ class OipRoutes:
         if len(segments) >= 3 and segments[0] == "models" and segments[-1] == "infer":
             await self._infer(scope, receive, send, segments)
             return
+        if segments and segments[0] == "repository":
+            await self._repository_call(scope, receive, send, segments)
+            return
         try:
             status, body = self._read_only(scope["method"], path, segments)
         except OipError as exc:
@@ -113,10 +120,43 @@ class OipRoutes:
                     return (200 if model.status is ModelStatus.READY else 400), b""
                 if rest == ["config"]:
                     served = served_model(repository, name, version)
-                    config = oip_model.model_config(served, request_timeout_s=self.settings.request_timeout_s)
+                    timeout_s = self.settings.request_timeout_s
+                    config = triton_config(repository, served, request_timeout_s=timeout_s)
                     return 200, _json(config)
-                return 200, _json(model_metadata(model))
+                return 200, _json(model_metadata(repository, model))
         raise OipError(Kind.NOT_FOUND, f"no route {method} {shown(path)}")
+
+    # --- the model repository extension ---------------------------------------------------------------
+    async def _repository_call(self, scope: Scope, receive: Receive, send: Send, segments: list[str]) -> None:
+        try:
+            if scope["method"] != "POST":
+                raise _method_not_allowed(scope["method"], scope["path"], "POST")
+            repository_api.check_enabled(self.settings)
+            index = segments == ["repository", "index"]
+            action = segments[3] if len(segments) == 4 and segments[1] == "models" else None
+            if not index and action not in ("load", "unload"):
+                raise OipError(Kind.NOT_FOUND, f"no route POST {shown(scope['path'])}")
+            declared = next((value for key, value in scope["headers"] if key == b"content-length"), None)
+            body = await _read_body(
+                receive, declared, self.settings.max_body_bytes, self.settings.body_read_timeout_s
+            )
+            document = _json_object(body)
+            if index:
+                ready_only = document.get("ready", False)
+                if not isinstance(ready_only, bool):
+                    raise OipError(Kind.INVALID, "'ready' must be true or false")
+                entries = repository_api.index(self.repository, self.settings, ready_only=ready_only)
+                await _send(send, 200, [(b"content-type", _JSON)], _json(entries))
+                return
+            repository_api.check_parameters(document)
+            if action == "load":
+                await repository_api.load(self.repository, segments[2])
+            else:
+                await repository_api.unload(self.repository, segments[2])
+        except OipError as exc:
+            await _send(send, *error_response(exc))
+            return
+        await _send(send, 200, [], b"")
 
     # --- inference ------------------------------------------------------------------------------------
     async def _infer(self, scope: Scope, receive: Receive, send: Send, segments: list[str]) -> None:
@@ -351,6 +391,19 @@ async def _read_body(receive: Receive, declared: bytes | None, limit: int, timeo
         )
     except (PayloadTooLarge, BodyReadTimeout) as exc:
         raise from_service_error(exc) from None
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    """An optional JSON object body (empty: ``{}``)."""
+    if not body.strip():
+        return {}
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise OipError(Kind.INVALID, f"the body is not JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise OipError(Kind.INVALID, "the body must be a JSON object")
+    return document
 
 
 def _json(document: object) -> bytes:

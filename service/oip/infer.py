@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from service.core.pipeline import LOGITS, Pipeline
-from service.core.repository import ServedModel
+from service.core.repository import ModelStatus, ServedModel
 from service.errors import (
     BodyReadTimeout,
     ModelUnavailable,
@@ -64,6 +64,7 @@ class Kind(StrEnum):
     UNAUTHENTICATED = "unauthenticated"  # AUTH_TOKEN is set and the request does not carry it
     SLOW_BODY = "slow_body"  # the body did not arrive within BODY_READ_TIMEOUT_S (HTTP only)
     NOT_ALLOWED = "not_allowed"  # a route asked with a method it does not answer (HTTP only)
+    FORBIDDEN = "forbidden"  # a route that is switched off (the repository API without REPOSITORY_API)
     INTERNAL = "internal"  # a fault of the server (inference failed): never the client's input
 
 
@@ -84,6 +85,7 @@ STATUS: dict[Kind, Status] = {
     Kind.UNAUTHENTICATED: Status(401, "UNAUTHENTICATED"),
     Kind.SLOW_BODY: Status(408, "DEADLINE_EXCEEDED"),
     Kind.NOT_ALLOWED: Status(405, "UNIMPLEMENTED"),
+    Kind.FORBIDDEN: Status(403, "PERMISSION_DENIED"),
     Kind.INTERNAL: Status(500, "INTERNAL"),
 }
 
@@ -180,13 +182,13 @@ class InferenceResponse:
 
 # --- the entry the front doors call ------------------------------------------------------------------
 def served_model(repository: Any, name: str, version: str | None) -> ServedModel:
-    """The ready model ``name`` at ``version``: NOT_FOUND or UNAVAILABLE otherwise."""
+    """The ready model ``name`` at ``version`` (None: its default one): NOT_FOUND or UNAVAILABLE
+    otherwise."""
+    number = _version_number(name, version)
     try:
-        served = repository.get(name)
+        return repository.get(name, number)
     except ServiceError as exc:
         raise from_service_error(exc) from None
-    check_version(served.name, version)
-    return served
 
 
 def configured_model(repository: Any, name: str, version: str | None) -> ServedModel:
@@ -196,25 +198,45 @@ def configured_model(repository: Any, name: str, version: str | None) -> ServedM
     if model is None:
         available = ", ".join(repository.models) or "(none configured)"
         raise OipError(Kind.NOT_FOUND, f"unknown model {shown(name)}; available models: {available}")
-    check_version(model.name, version)
-    return model
+    number = _version_number(name, version)
+    if number is None:
+        return model
+    for entry in repository.versions(name):
+        if entry.version == number:
+            return entry
+    raise _no_such_version(repository, name, version)
 
 
-def model_metadata(model: ServedModel) -> dict[str, Any]:
+def ready_versions(repository: Any, name: str) -> list[int]:
+    return [entry.version for entry in repository.versions(name) if entry.status is ModelStatus.READY]
+
+
+def model_metadata(repository: Any, model: ServedModel) -> dict[str, Any]:
     """The model's metadata; UNAVAILABLE while its manifest is unread or unreadable (nothing true to
     say yet)."""
     if model.manifest is None:
         detail = f": {model.reason}" if model.reason else ""
         raise OipError(Kind.UNAVAILABLE, f"model {model.name} is {model.status.value}{detail}")
-    return oip_model.model_metadata(model)
+    return oip_model.model_metadata(model, ready_versions(repository, model.name))
 
 
-def check_version(name: str, version: str | None) -> None:
-    if not oip_model.has_version(version):
-        raise OipError(
-            Kind.NOT_FOUND,
-            f"model {shown(name)} has no version {shown(version)}; versions: {', '.join(oip_model.VERSIONS)}",
-        )
+def triton_config(repository: Any, served: ServedModel, *, request_timeout_s: float) -> dict[str, Any]:
+    """Triton's configuration of a model being served."""
+    versions = ready_versions(repository, served.name)
+    return oip_model.model_config(served, versions=versions, request_timeout_s=request_timeout_s)
+
+
+def _version_number(name: str, version: str | None) -> int | None:
+    if version is None:
+        return None
+    if version.isascii() and version.isdigit() and int(version) >= 1 and str(int(version)) == version:
+        return int(version)
+    raise OipError(Kind.NOT_FOUND, f"model {shown(name)} has no version {shown(version)}")
+
+
+def _no_such_version(repository: Any, name: str, version: str) -> OipError:
+    held = ", ".join(str(entry.version) for entry in repository.versions(name)) or "none"
+    return OipError(Kind.NOT_FOUND, f"model {shown(name)} has no version {shown(version)}; versions: {held}")
 
 
 async def infer(
@@ -246,7 +268,7 @@ async def infer(
     else:
         logits = results[0].output[np.newaxis] if count == 1 else np.stack([r.output for r in results])
         tensor = OutputTensor(oip_model.LOGITS_OUTPUT, FP32, logits.shape, logits, output.binary)
-    return InferenceResponse(served.name, oip_model.VERSION, request.id, [tensor])
+    return InferenceResponse(served.name, str(served.version), request.id, [tensor])
 
 
 async def admit_and_infer(

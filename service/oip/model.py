@@ -9,7 +9,8 @@ Every model offers a client two inputs, of which a request uses one:
   which skips the decode.
 
 and one output, ``logits`` (``FP32``, ``[-1, classes]``), which the classification extension turns into
-the top classes. The repository holds one version of each model: ``"1"``.
+the top classes. A model lists the versions ready to serve; a request that names none gets the one
+the model serves by default (service/core/repository.py).
 
 The configuration is Triton's shape (``max_batch_size``, ``input``, ``output``, ``dynamic_batching``,
 ``instance_group``), filled from what the model's batcher really does, so Triton's tools can read it.
@@ -25,8 +26,6 @@ from service.oip.tensors import BYTES, FP32
 SERVER_NAME = "efficient-cnn-classifier"
 # Model Metadata's platform for an ONNX model, from the protocol's list of platform names.
 PLATFORM = "onnx_onnxv1"
-VERSION = "1"
-VERSIONS = (VERSION,)
 IMAGE_INPUT = "image"
 TENSOR_INPUT = "input"
 LOGITS_OUTPUT = "logits"
@@ -45,11 +44,6 @@ def server_metadata() -> dict:
     return {"name": SERVER_NAME, "version": server_version(), "extensions": list(EXTENSIONS)}
 
 
-def has_version(version: str | None) -> bool:
-    """A request may name no version (the server's choice) or the one the repository holds."""
-    return version is None or version in VERSIONS
-
-
 def input_size(served: ServedModel) -> int:
     """The side of the square input the model takes (the preprocessing's crop)."""
     assert served.manifest is not None
@@ -61,12 +55,12 @@ def classes(served: ServedModel) -> int:
     return len(served.manifest.labels)
 
 
-def model_metadata(served: ServedModel) -> dict:
-    """Model Metadata for a model whose manifest has been read."""
+def model_metadata(served: ServedModel, versions: list[int]) -> dict:
+    """Model Metadata for a model whose manifest has been read; ``versions``: those ready to serve."""
     size = input_size(served)
     return {
         "name": served.name,
-        "versions": list(VERSIONS),
+        "versions": [str(version) for version in versions],
         "platform": PLATFORM,
         "inputs": [
             {"name": IMAGE_INPUT, "datatype": BYTES, "shape": [-1]},
@@ -76,7 +70,7 @@ def model_metadata(served: ServedModel) -> dict:
     }
 
 
-def model_config(served: ServedModel, *, request_timeout_s: float) -> dict:
+def model_config(served: ServedModel, *, versions: list[int], request_timeout_s: float) -> dict:
     """Triton's model configuration for a model that is being served (it has a batcher)."""
     batcher = served.batcher
     runtime = served.runtime
@@ -115,5 +109,5 @@ def model_config(served: ServedModel, *, request_timeout_s: float) -> dict:
                 "kind": "KIND_CPU" if runtime.name == "onnxruntime-cpu" else "KIND_GPU",
             }
         ],
-        "version_policy": {"specific": {"versions": [int(VERSION)]}},
+        "version_policy": {"specific": {"versions": versions}},
     }
