@@ -37,6 +37,7 @@ import contextlib
 import importlib.metadata
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -54,6 +55,7 @@ from image_test import (  # a sibling script (deploy/ is not a package)
     ensure_emulation,
     free_port,
     http_get,
+    run,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,16 +82,6 @@ class Arm64TestError(ImageTestError):
 
 def log(message: str) -> None:
     print(f"arm64-test: {message}", flush=True)
-
-
-def check(*args: str | Path, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
-    result = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout, **kwargs)
-    if result.returncode != 0:
-        words = " ".join(str(a) for a in args[:4])
-        raise Arm64TestError(
-            f"{words} ... exited {result.returncode}:\n{(result.stdout + result.stderr)[-4000:]}"
-        )
-    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,12 +119,13 @@ def in_root(
     """``command`` run in the arm64 root as ``user``, in a mount namespace of its own: /proc, /dev and
     /sys (the cgroup files the server reads) as on this machine, the CPU list under /sys hidden.
 
-    qemu-user 7.2 (Debian 12's) shows the host's x86 /proc/cpuinfo beside /sys's list of the cores, and the
-    cpuinfo library in ONNX Runtime crashes on the mix (SIGSEGV at import, qemu 7.2); without the list it
-    logs "failed to parse" and carries on, as it does wherever the list is absent. A real ARM machine
-    has its own /proc/cpuinfo. The mounts end with the namespace: nothing is left mounted in the cache.
+    qemu-user 7.2 (Debian 12's) shows the host's x86 /proc/cpuinfo beside /sys's list of the cores,
+    and the cpuinfo library in ONNX Runtime crashes on the mix (SIGSEGV at import); without the list
+    it logs "failed to parse" and carries on, as it does wherever the list is absent. A real ARM
+    machine has its own /proc/cpuinfo. The mounts end with the namespace: nothing is left mounted in
+    the cache.
     """
-    root = str(ARM_ROOT)
+    root = shlex.quote(str(ARM_ROOT))
     mounts = (
         f"mount -t proc proc {root}/proc && mount --rbind /dev {root}/dev && mount --rbind /sys {root}/sys"
         f" && mount -t tmpfs -o size=1m tmpfs {root}/sys/devices/system/cpu"
@@ -170,7 +163,7 @@ def run_in_root(*command: str, env: dict[str, str], timeout: float = 600) -> str
 def install_dependencies() -> list[str]:
     """The runtime requirements from aarch64 wheels into the root, pinned to this environment's
     versions; the installed distributions' names and versions."""
-    requirements = check(sys.executable, ROOT / "deploy" / "requirements.py").stdout
+    requirements = run(sys.executable, str(ROOT / "deploy" / "requirements.py")).stdout
     pins = sorted(
         {
             f"{dist.metadata['Name']}=={dist.version}"
@@ -190,12 +183,12 @@ def install_dependencies() -> list[str]:
             (Path(scratch) / "constraints.txt").write_text("".join(f"{pin}\n" for pin in pins))
             platforms = [arg for tag in WHEEL_PLATFORMS for arg in ("--platform", tag)]
             log("runtime dependencies: aarch64 wheels (cp311, manylinux) into the root")
-            check(
+            run(
                 sys.executable, "-m", "pip", "install", "--quiet", "--no-warn-script-location",
-                "--target", target, *platforms, "--python-version", "3.11", "--implementation", "cp",
+                "--target", str(target), *platforms, "--python-version", "3.11", "--implementation", "cp",
                 "--abi", "cp311", "--only-binary=:all:",
-                "--requirement", Path(scratch) / "requirements.txt",
-                "--constraint", Path(scratch) / "constraints.txt",
+                "--requirement", f"{scratch}/requirements.txt",
+                "--constraint", f"{scratch}/constraints.txt",
                 timeout=1200,
             )  # fmt: skip
         stamp.write_text(wanted)
@@ -208,10 +201,10 @@ def install_dependencies() -> list[str]:
 
 def build_models() -> None:
     """The model repository, built on this machine (up-to-date outputs are skipped)."""
-    build = [sys.executable, ROOT / "build_engines.py", "--weights", "random", "--out", REPOSITORY]
+    build = [sys.executable, str(ROOT / "build_engines.py"), "--weights", "random", "--out", str(REPOSITORY)]
     log("model repository: build_engines.py --weights random (skips what is up to date)")
-    check(*build, "--models", *FP32_MODELS, timeout=1800, cwd=ROOT)
-    check(*build, "--models", *INT8_MODELS, "--precision", "fp32", "int8", timeout=1800, cwd=ROOT)
+    run(*build, "--models", *FP32_MODELS, timeout=1800, cwd=ROOT)
+    run(*build, "--models", *INT8_MODELS, "--precision", "fp32", "int8", timeout=1800, cwd=ROOT)
 
 
 def copy_app() -> None:
