@@ -6,6 +6,7 @@
 #   loadgen             the load generator (benchmarks/), for docker-compose's `load` profile
 #
 #   docker build -t efficient-cnn-classifier .
+#   docker build --platform linux/arm64 -t efficient-cnn-classifier:arm64 .  (the CPU image for arm64)
 #   docker build --target gpu -t efficient-cnn-classifier:gpu .
 #   docker build --target jetson -t efficient-cnn-classifier:jetson .      (on a Jetson, or buildx)
 #
@@ -23,6 +24,11 @@
 # engines set DOCKER_BUILDKIT=1 (with docker-compose 1.x also COMPOSE_DOCKER_CLI_BUILD=1).
 
 ARG BASE_IMAGE=python:3.11-slim
+# The export stage runs on the machine that builds (BUILDPLATFORM), whatever platform the image is for:
+# ONNX files are the same on every architecture, so an arm64 image built on x86-64 exports natively
+# rather than running torch under emulation. A multi-platform base (python:3.11-slim) serves both; a
+# single-platform local base needs this machine's own here (deploy/image_test.py --platform does so).
+ARG EXPORT_BASE_IMAGE=${BASE_IMAGE}
 # The `gpu` extra's stack (deploy/gpu_stacks.toml): onnxruntime-gpu 1.26.0 is built for CUDA 12.8
 # and cuDNN 9, which this base provides on the loader path (ONNX Runtime's providers find their
 # libraries there); TensorRT 10 (>= 10.14.1, what the TensorRT provider was compiled against) comes
@@ -44,7 +50,12 @@ WORKDIR /app
 
 # ---------------------------------------------------------------------------------------------
 # Export: PyTorch definitions -> ONNX models and manifests. Only /export leaves this stage.
-FROM base AS export
+FROM --platform=${BUILDPLATFORM} ${EXPORT_BASE_IMAGE} AS export
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore
+WORKDIR /app
 ARG PIP_INDEX_URL
 ARG PIP_EXTRA_INDEX_URL
 ARG PIP_FIND_LINKS

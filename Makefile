@@ -8,7 +8,7 @@ WEIGHTS ?= auto
 HOST   ?= 0.0.0.0
 PORT   ?= 8000
 
-.PHONY: help venv install models run test test-tools test-image soak lint format clean gpu-install gpu-selftest audit
+.PHONY: help venv install models run test test-tools test-image test-arm64 soak lint format clean gpu-install gpu-selftest audit
 
 help:
 	@echo "make run    - create .venv, install, build the model repository, serve on :$(PORT)"
@@ -19,6 +19,7 @@ help:
 	@echo "make models - (re)build the model repository only (WEIGHTS=auto|imagenet|random|PATH)"
 	@echo "make audit  - pip-audit the runtime dependencies (known vulnerabilities; needs network access)"
 	@echo "make soak   - a real server under steady mixed load for SOAK_S seconds (default 600): errors, p99, memory"
+	@echo "make test-arm64   - the service and its image on aarch64 under emulation (root; not part of make test)"
 	@echo "make gpu-install  - NVIDIA GPU: swap onnxruntime for onnxruntime-gpu, add TensorRT and cuda-python"
 	@echo "make gpu-selftest - NVIDIA GPU / Jetson: build engines, check every GPU backend, benchmark"
 
@@ -101,6 +102,16 @@ soak: $(VENV)/.installed
 # Builds the runtime image with a local Docker engine, classifies through it, stops it.
 test-image: $(VENV)/.installed
 	$(PY) deploy/image_test.py
+
+# aarch64 (Jetson's CPU side, Graviton, Ampere) under user-mode emulation, as root on x86-64 Debian:
+# qemu-user-static, binfmt-support and debootstrap are installed when missing. First an arm64 Debian
+# root (kept in .cache/arm64) with the runtime dependencies from aarch64 wheels serves the same JPEGs
+# as this machine and must answer the same (deploy/arm64_test.py); then the runtime image is built and
+# served for linux/arm64 (deploy/image_test.py --platform linux/arm64). Not part of `make test`: the
+# emulator makes it slow (see the README's ARM section for the times measured).
+test-arm64: $(VENV)/.installed
+	$(PY) deploy/arm64_test.py
+	$(PY) deploy/image_test.py --platform linux/arm64
 
 # NVIDIA GPUs. onnxruntime and onnxruntime-gpu install the same module, so the CPU package goes first;
 # run this again after anything reinstalls the project (make install brings onnxruntime back).

@@ -1,6 +1,6 @@
 """Build the runtime image, run it, classify through it, stop it: the image test (make test-image).
 
-    python deploy/image_test.py [--keep-engine] [--weights random|auto|imagenet]
+    python deploy/image_test.py [--keep-engine] [--weights random|auto|imagenet] [--platform linux/arm64]
 
 Steps, each of which fails loudly (never skips) when it cannot be done:
 
@@ -17,6 +17,15 @@ Steps, each of which fails loudly (never skips) when it cannot be done:
 6. SIGTERM: the container exits with status 0, well within the drain bound.
 
 Host networking only: traffic to an engine's private bridge addresses may be blocked on CI machines.
+
+--platform linux/arm64 (make test-arm64) builds and runs the image for another architecture on this
+one: qemu-user-static registered with binfmt_misc runs its binaries (the engine's BuildKit uses the
+registration for the RUN steps, the engine for the container), the base image is an arm64 stand-in
+(an arm64 debootstrap, labelled arm64 by a FROM-scratch build; a local tag holds one architecture),
+and the export stage runs natively (EXPORT_BASE_IMAGE, this machine's base): ONNX files are the same
+on every architecture. The container runs with /sys/devices/system/cpu hidden (EMULATED_RUN_OPTIONS).
+Debian's engine builds it with its built-in BuildKit (DOCKER_BUILDKIT=1, no buildx plugin needed);
+the classic builder has no BUILDPLATFORM and is not used. Emulated speed says nothing about ARM's.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import functools
 import http.server
 import json
 import os
+import platform
 import shutil
 import socket
 import subprocess
@@ -37,6 +47,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,10 +58,37 @@ STAND_IN_BASE = "efficient-cnn-base:bookworm-python3.11"
 BUILD_TIMEOUT_S = 1800
 READY_TIMEOUT_S = 180
 STOP_LIMIT_S = 15.0  # SIGTERM to exit; the server's drain is bounded by SHUTDOWN_GRACE_S (20 s)
+EMULATED_READY_TIMEOUT_S = 600  # models loaded and warmed under qemu: ~20x slower than native
+# Docker's platform -> Debian's architecture and qemu's name for it.
+PLATFORMS = {"linux/amd64": ("amd64", "x86_64"), "linux/arm64": ("arm64", "aarch64")}
+# Under qemu-user (7.2, Debian 12's) /proc/cpuinfo is the host's x86 one while /sys lists the cores:
+# the cpuinfo library inside ONNX Runtime then crashes the process at import (SIGSEGV, measured with
+# qemu 7.2 and onnxruntime 1.32). Hiding the CPU list makes it log "failed to parse" and carry on,
+# as it does wherever the list is absent. A real ARM machine shows its own /proc/cpuinfo.
+EMULATED_CPU_LIST = "/sys/devices/system/cpu"
+EMULATED_RUN_OPTIONS = ("--mount", f"type=tmpfs,destination={EMULATED_CPU_LIST}")
 
 
 class ImageTestError(RuntimeError):
     """A step of the image test failed; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """The platform an image is built and run for, and the names the test gives it there."""
+
+    platform: str
+    emulated: bool
+    image: str = IMAGE
+    container: str = CONTAINER
+    export_base: str = ""  # an emulated build's export stage runs on this machine's base image
+
+    @classmethod
+    def of(cls, platform: str, native: str) -> Target:
+        if platform == native:
+            return cls(platform, emulated=False)
+        arch = PLATFORMS[platform][0]
+        return cls(platform, emulated=True, image=f"{IMAGE}-{arch}", container=f"{CONTAINER}-{arch}")
 
 
 def log(message: str) -> None:
@@ -87,6 +125,45 @@ def apt_install(*packages: str) -> None:
     run("apt-get", "update", "-qq", timeout=600)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     run("apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages, timeout=900, env=env)
+
+
+def native_platform() -> str:
+    machine = {
+        "x86_64": "linux/amd64",
+        "amd64": "linux/amd64",
+        "aarch64": "linux/arm64",
+        "arm64": "linux/arm64",
+    }
+    return machine.get(platform.machine().lower(), f"linux/{platform.machine().lower()}")
+
+
+def ensure_emulation(target: str) -> None:
+    """Let this machine run ``target``'s binaries: qemu-user-static's handler in binfmt_misc.
+
+    The handler must carry the F flag (the interpreter opened when it is registered, as Debian's
+    qemu-user-static does) so that chroots and containers, which do not see the host's files, can use it.
+    """
+    if target == native_platform():
+        return
+    if target not in PLATFORMS:
+        raise ImageTestError(f"unknown platform {target!r} (known: {', '.join(PLATFORMS)})")
+    qemu_arch = PLATFORMS[target][1]
+    binfmt = Path("/proc/sys/fs/binfmt_misc")
+    handler = binfmt / f"qemu-{qemu_arch}"
+    if not (binfmt / "register").exists():
+        if os.geteuid() != 0:
+            raise ImageTestError("binfmt_misc is not mounted and mounting it needs root")
+        run("mount", "-t", "binfmt_misc", "binfmt_misc", str(binfmt))
+    if not handler.exists():
+        if shutil.which("update-binfmts") is None or not Path(f"/usr/bin/qemu-{qemu_arch}-static").exists():
+            apt_install("qemu-user-static", "binfmt-support")
+        run("update-binfmts", "--enable", f"qemu-{qemu_arch}", check=False)
+    if not handler.exists():
+        raise ImageTestError(f"no binfmt_misc handler {handler} after installing qemu-user-static")
+    lines = handler.read_text().splitlines()
+    flags = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("flags:")), "")
+    if lines[:1] != ["enabled"] or "F" not in flags:
+        raise ImageTestError(f"{handler} must be enabled with the F flag, is: {' '.join(lines[:3])}")
 
 
 def engine_answers(client: str) -> bool:
@@ -151,56 +228,102 @@ def debian_mirror() -> str:
     raise ImageTestError("no Debian mirror found in the apt sources (needed for debootstrap)")
 
 
-def base_image(client: str) -> str:
-    if run(client, "image", "inspect", BASE_IMAGE, check=False).returncode == 0:
-        return BASE_IMAGE
-    if run(client, "pull", BASE_IMAGE, check=False, timeout=300).returncode == 0:
-        return BASE_IMAGE
-    if run(client, "image", "inspect", STAND_IN_BASE, check=False).returncode == 0:
-        log(f"{BASE_IMAGE} cannot be pulled: using the stand-in {STAND_IN_BASE}")
-        return STAND_IN_BASE
+def debootstrap_root(rootfs: str | Path, target: str, packages: str) -> None:
+    """A minimal Debian bookworm for ``target`` (a Docker platform) in ``rootfs``, with ``packages``
+    (comma-separated) and apt's downloads removed; another architecture's runs under emulation."""
     if shutil.which("debootstrap") is None:
         apt_install("debootstrap")
-    log(f"{BASE_IMAGE} cannot be pulled: making {STAND_IN_BASE} with debootstrap (about a minute)")
-    with tempfile.TemporaryDirectory(prefix="rootfs-") as rootfs:
-        run(
-            "debootstrap",
-            "--variant=minbase",
-            "--include=python3,python3-pip,python3-venv,python-is-python3,ca-certificates",
-            "bookworm",
-            rootfs,
-            debian_mirror(),
-            timeout=900,
+    ensure_emulation(target)
+    run(
+        "debootstrap",
+        f"--arch={PLATFORMS[target][0]}",
+        "--variant=minbase",
+        f"--include={packages}",
+        "bookworm",
+        str(rootfs),
+        debian_mirror(),
+        timeout=1800,
+    )
+    for cache in ("var/cache/apt/archives", "var/lib/apt/lists"):
+        for item in Path(rootfs, cache).glob("*"):
+            if item.is_file():
+                item.unlink()
+
+
+# The stand-in base image's configuration, as python:3.11-slim's would give it.
+STAND_IN_CONFIG = (
+    "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt",
+    'CMD ["python3"]',
+)
+
+
+def import_for_platform(client: str, rootfs: str | Path, tag: str, target: str) -> None:
+    """``rootfs`` as the image ``tag`` for ``target``. Debian's engine (20.10) ignores `docker import
+    --platform` outside experimental mode and labels the image with its own architecture, so the
+    root goes in through BuildKit (FROM scratch, ADD), which labels it with the build's platform. /dev
+    is left out: the engine provides it."""
+    with tempfile.TemporaryDirectory(prefix="stand-in-") as context:
+        run("tar", "-C", str(rootfs), "--exclude=./dev/*", "-cf", f"{context}/rootfs.tar", ".", timeout=600)
+        Path(context, "Dockerfile").write_text(
+            "\n".join(["FROM scratch", "ADD rootfs.tar /", *STAND_IN_CONFIG, ""])
         )
+        env = {**os.environ, "DOCKER_BUILDKIT": "1"}
+        result = run(
+            client, "build", "--platform", target, "--tag", tag, context, timeout=900, check=False, env=env
+        )
+        if result.returncode != 0:
+            raise ImageTestError(
+                f"building {tag} from the root failed:\n{(result.stdout + result.stderr)[-4000:]}"
+            )
+
+
+def image_architecture(client: str, image: str) -> str | None:
+    result = run(client, "image", "inspect", "--format", "{{.Architecture}}", image, check=False)
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def base_image(client: str, target: str) -> str:
+    """The base image for ``target``: python:3.11-slim when present or pullable for that platform, else
+    the debootstrap stand-in (one local tag per platform: a local tag holds one architecture)."""
+    arch = PLATFORMS[target][0]
+    if image_architecture(client, BASE_IMAGE) == arch:
+        return BASE_IMAGE
+    emulated = target != native_platform()
+    platform_args = ["--platform", target] if emulated else []
+    pulled = run(client, "pull", *platform_args, BASE_IMAGE, check=False, timeout=300)
+    if pulled.returncode == 0 and image_architecture(client, BASE_IMAGE) == arch:
+        return BASE_IMAGE
+    stand_in = f"{STAND_IN_BASE}-{arch}" if emulated else STAND_IN_BASE
+    if image_architecture(client, stand_in) == arch:
+        log(f"{BASE_IMAGE} cannot be pulled: using the stand-in {stand_in}")
+        return stand_in
+    log(
+        f"{BASE_IMAGE} cannot be pulled: making {stand_in} with debootstrap "
+        f"({'a few minutes under emulation' if emulated else 'about a minute'})"
+    )
+    with tempfile.TemporaryDirectory(prefix="rootfs-") as rootfs:
+        debootstrap_root(rootfs, target, "python3,python3-pip,python3-venv,python-is-python3,ca-certificates")
         # pip inside the build must trust what this machine trusts (a TLS-inspecting proxy's CA).
         shutil.copyfile("/etc/ssl/certs/ca-certificates.crt", f"{rootfs}/etc/ssl/certs/ca-certificates.crt")
-        for cache in ("var/cache/apt/archives", "var/lib/apt/lists"):
-            for item in Path(rootfs, cache).glob("*"):
-                if item.is_file():
-                    item.unlink()
-        tar = subprocess.Popen(["tar", "-C", rootfs, "-c", "."], stdout=subprocess.PIPE)
-        imported = subprocess.run(
-            [
-                client,
-                "import",
-                "--change",
-                "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                "--change",
-                "ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt",
-                "--change",
-                'CMD ["python3"]',
-                "-",
-                STAND_IN_BASE,
-            ],
-            stdin=tar.stdout,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        tar.wait()
-        if imported.returncode != 0:
-            raise ImageTestError(f"docker import failed:\n{imported.stderr}")
-    return STAND_IN_BASE
+        if emulated:
+            import_for_platform(client, rootfs, stand_in, target)
+        else:
+            tar = subprocess.Popen(["tar", "-C", rootfs, "-c", "."], stdout=subprocess.PIPE)
+            changes = [arg for change in STAND_IN_CONFIG for arg in ("--change", change)]
+            imported = subprocess.run(
+                [client, "import", *changes, "-", stand_in],
+                stdin=tar.stdout,
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+            tar.wait()
+            if imported.returncode != 0:
+                raise ImageTestError(f"docker import failed:\n{imported.stderr}")
+    if image_architecture(client, stand_in) != arch:
+        raise ImageTestError(f"{stand_in} was imported as {image_architecture(client, stand_in)}, not {arch}")
+    return stand_in
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,12 +364,16 @@ def wheel_server() -> Iterator[str | None]:
         server.shutdown()
 
 
-def build(client: str, base: str, weights: str, find_links: str | None) -> float:
-    args = [client, "build", "--network", "host", "--tag", IMAGE, "--build-arg", f"BASE_IMAGE={base}"]
+def build(target: Target, client: str, base: str, weights: str, find_links: str | None) -> float:
+    """Build the default target; for an emulated platform the export stage runs on ``export_base``
+    (this machine's base image), natively."""
+    args = [client, "build", "--network", "host", "--tag", target.image, "--build-arg", f"BASE_IMAGE={base}"]
     args += ["--build-arg", f"WEIGHTS={weights}"]
     if find_links:
         args += ["--build-arg", f"PIP_FIND_LINKS={find_links}"]
-    log(f"building {IMAGE} (base {base}, weights {weights})")
+    if target.emulated:
+        args += ["--platform", target.platform, "--build-arg", f"EXPORT_BASE_IMAGE={target.export_base}"]
+    log(f"building {target.image} for {target.platform} (base {base}, weights {weights})")
     started = time.monotonic()
     env = {**os.environ, "DOCKER_BUILDKIT": "1"}
     result = run(*args, str(ROOT), timeout=BUILD_TIMEOUT_S, check=False, env=env)
@@ -259,22 +386,25 @@ def build(client: str, base: str, weights: str, find_links: str | None) -> float
 # 4-6. The image and the container
 
 
-def check_image(client: str) -> dict[str, object]:
+def check_image(target: Target, client: str) -> dict[str, object]:
     probe = (
-        "import importlib.util, json; "
+        "import importlib.util, json, platform; "
         "print(json.dumps({m: importlib.util.find_spec(m) is not None for m in "
-        "('torch', 'torchvision', 'onnx', 'onnxscript', 'onnxruntime', 'fastapi')}))"
+        "('torch', 'torchvision', 'onnx', 'onnxscript', 'onnxruntime', 'fastapi')} | "
+        "{'machine': platform.machine()}))"
     )
-    found = json.loads(run(client, "run", "--rm", "--entrypoint", "python", IMAGE, "-c", probe).stdout)
+    found = json.loads(run(client, "run", "--rm", "--entrypoint", "python", target.image, "-c", probe).stdout)
+    if found["machine"] != PLATFORMS[target.platform][1]:
+        raise ImageTestError(f"the image runs as {found['machine']}, not {target.platform}")
     if found["torch"] or found["torchvision"] or found["onnx"] or found["onnxscript"]:
         raise ImageTestError(f"the runtime image carries build-time packages: {found}")
     if not (found["onnxruntime"] and found["fastapi"]):
         raise ImageTestError(f"the runtime image lacks serving packages: {found}")
-    user = run(client, "image", "inspect", "--format", "{{.Config.User}}", IMAGE).stdout.strip()
+    user = run(client, "image", "inspect", "--format", "{{.Config.User}}", target.image).stdout.strip()
     uid = user.split(":")[0]
     if not uid.isdigit() or int(uid) == 0:
         raise ImageTestError(f"the image's user must be numeric and non-root, is {user!r}")
-    size = int(run(client, "image", "inspect", "--format", "{{.Size}}", IMAGE).stdout.strip())
+    size = int(run(client, "image", "inspect", "--format", "{{.Size}}", target.image).stdout.strip())
     return {"user": user, "size_bytes": size}
 
 
@@ -288,7 +418,7 @@ def http_get(url: str, timeout: float = 5) -> tuple[int, bytes]:
         return 0, b""
 
 
-def test_jpeg(client: str) -> bytes:
+def test_jpeg(target: Target, client: str) -> bytes:
     """A JPEG made by Pillow inside the image (no host dependency)."""
     make = (
         "import io, sys; from PIL import Image; b = io.BytesIO(); "
@@ -296,7 +426,7 @@ def test_jpeg(client: str) -> bytes:
         "sys.stdout.buffer.write(b.getvalue())"
     )
     result = subprocess.run(
-        [client, "run", "--rm", "--entrypoint", "python", IMAGE, "-c", make],
+        [client, "run", "--rm", "--entrypoint", "python", target.image, "-c", make],
         capture_output=True,
         timeout=120,
         check=True,
@@ -304,20 +434,20 @@ def test_jpeg(client: str) -> bytes:
     return result.stdout
 
 
-def inspect(client: str, template: str) -> str:
-    return run(client, "inspect", "--format", template, CONTAINER).stdout.strip()
+def inspect(target: Target, client: str, template: str) -> str:
+    return run(client, "inspect", "--format", template, target.container).stdout.strip()
 
 
-def serve_and_stop(client: str) -> dict[str, object]:
+def serve_and_stop(target: Target, client: str) -> dict[str, object]:
     port = 8000 if port_free(8000) else free_port()
     command = [] if port == 8000 else ["python", "-m", "service", "--host", "127.0.0.1", "--port", str(port)]
-    run(client, "rm", "--force", CONTAINER, check=False)
+    run(client, "rm", "--force", target.container, check=False)
     run(
         client,
         "run",
         "--detach",
         "--name",
-        CONTAINER,
+        target.container,
         "--network",
         "host",
         "--read-only",
@@ -327,18 +457,18 @@ def serve_and_stop(client: str) -> dict[str, object]:
         "ALL",
         "--security-opt",
         "no-new-privileges",
-        IMAGE,
+        *(EMULATED_RUN_OPTIONS if target.emulated else ()),
+        target.image,
         *command,
     )
     base = f"http://127.0.0.1:{port}"
     try:
         started = time.monotonic()
         while (status := http_get(f"{base}/readyz")[0]) != 200:
-            if (
-                inspect(client, "{{.State.Running}}") != "true"
-                or time.monotonic() - started > READY_TIMEOUT_S
+            if inspect(target, client, "{{.State.Running}}") != "true" or time.monotonic() - started > (
+                EMULATED_READY_TIMEOUT_S if target.emulated else READY_TIMEOUT_S
             ):
-                logs = run(client, "logs", "--tail", "40", CONTAINER, check=False)
+                logs = run(client, "logs", "--tail", "40", target.container, check=False)
                 raise ImageTestError(f"/readyz never 200 (last {status}):\n{logs.stdout}{logs.stderr}")
             time.sleep(0.5)
         ready_s = time.monotonic() - started
@@ -346,7 +476,7 @@ def serve_and_stop(client: str) -> dict[str, object]:
 
         request = urllib.request.Request(
             f"{base}/classify?model=shufflenet_v2&top_k=5",
-            data=test_jpeg(client),
+            data=test_jpeg(target, client),
             headers={"Content-Type": "image/jpeg"},
             method="POST",
         )
@@ -363,24 +493,24 @@ def serve_and_stop(client: str) -> dict[str, object]:
 
         if port == 8000:  # the HEALTHCHECK probes the image's own port
             deadline = time.monotonic() + 60
-            while (health := inspect(client, "{{.State.Health.Status}}")) != "healthy":
+            while (health := inspect(target, client, "{{.State.Health.Status}}")) != "healthy":
                 if health == "unhealthy" or time.monotonic() > deadline:
                     raise ImageTestError(f"HEALTHCHECK status {health!r}")
                 time.sleep(1)
             log("HEALTHCHECK: healthy")
 
         started = time.monotonic()
-        run(client, "kill", "--signal", "TERM", CONTAINER)
-        run(client, "wait", CONTAINER, timeout=60)
+        run(client, "kill", "--signal", "TERM", target.container)
+        run(client, "wait", target.container, timeout=60)
         stop_s = time.monotonic() - started
-        code = int(inspect(client, "{{.State.ExitCode}}"))
+        code = int(inspect(target, client, "{{.State.ExitCode}}"))
         if code != 0 or stop_s > STOP_LIMIT_S:
-            logs = run(client, "logs", "--tail", "20", CONTAINER, check=False)
+            logs = run(client, "logs", "--tail", "20", target.container, check=False)
             raise ImageTestError(f"SIGTERM: exit {code} after {stop_s:.1f} s\n{logs.stdout}{logs.stderr}")
         log(f"SIGTERM: exited 0 in {stop_s:.2f} s")
         return {"ready_s": round(ready_s, 1), "stop_s": round(stop_s, 2), "backend": answer["backend"]}
     finally:
-        run(client, "rm", "--force", CONTAINER, check=False)
+        run(client, "rm", "--force", target.container, check=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -389,20 +519,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--weights", default="random", help="build argument WEIGHTS (default random: offline)"
     )
+    parser.add_argument(
+        "--platform",
+        choices=sorted(PLATFORMS),
+        default=native_platform(),
+        help="build and run the image for this platform (another architecture runs under qemu-user)",
+    )
     args = parser.parse_args(argv)
+    target = Target.of(args.platform, native_platform())
     try:
+        ensure_emulation(target.platform)
         with engine(args.keep_engine) as client:
-            base = base_image(client)
+            if target.emulated:
+                target = Target(**{**vars(target), "export_base": base_image(client, native_platform())})
+            base = base_image(client, target.platform)
             with wheel_server() as find_links:
-                build_s = build(client, base, args.weights, find_links)
-            image = check_image(client)
-            served = serve_and_stop(client)
+                build_s = build(target, client, base, args.weights, find_links)
+            image = check_image(target, client)
+            served = serve_and_stop(target, client)
     except (ImageTestError, subprocess.SubprocessError) as exc:
         print(f"image-test: FAILED: {exc}", file=sys.stderr)
         print("image-test: 0 passed, 1 failed")
         return 1
     size_mb = image["size_bytes"] / 1e6
-    log(f"image {IMAGE}: {size_mb:.0f} MB (base {base}), user {image['user']}, built in {build_s:.0f} s")
+    log(
+        f"image {target.image} ({target.platform}{' emulated' * target.emulated}): {size_mb:.0f} MB "
+        f"(base {base}), user {image['user']}, built in {build_s:.0f} s"
+    )
     log(f"no torch; ready in {served['ready_s']} s on {served['backend']}; SIGTERM exit {served['stop_s']} s")
     print("image-test: 1 passed, 0 failed")
     return 0

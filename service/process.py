@@ -83,18 +83,23 @@ def release_large_blocks() -> bool:
     top of a heap was handed back and faulted in again by the next request: ShuffleNet v2 in-process
     at concurrency 2 lost 10% (7.4 -> 8.3 ms of CPU per request). The trim threshold is set to twice
     the mapping threshold, as glibc's own rule would.
-    Returns False where the C library is not glibc.
+    Returns False, having logged why, where the C library is not glibc (musl has no mallopt) or
+    refuses: the server then runs with the allocator's defaults. The parameters are glibc's on every
+    architecture (x86-64 and arm64 alike).
     """
     name = ctypes.util.find_library("c")
     try:
         mallopt = ctypes.CDLL(name).mallopt if name else None
-    except (OSError, AttributeError):
-        mallopt = None
-    if mallopt is None:
+    except (OSError, AttributeError) as exc:
+        log.warning("C library %s has no mallopt (%s): large blocks keep the allocator's defaults", name, exc)
         return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, LARGE_BLOCK_BYTES)) and bool(
-        mallopt(_M_TRIM_THRESHOLD, KEPT_FREE_BYTES)
-    )
+    if mallopt is None:
+        log.warning("no C library found to tune: large blocks keep the allocator's defaults")
+        return False
+    if not (mallopt(_M_MMAP_THRESHOLD, LARGE_BLOCK_BYTES) and mallopt(_M_TRIM_THRESHOLD, KEPT_FREE_BYTES)):
+        log.warning("%s refused mallopt: large blocks keep the allocator's defaults", name)
+        return False
+    return True
 
 
 def return_freed_memory() -> bool:
@@ -154,6 +159,7 @@ def stop_preempting() -> bool:
     """
     policy = getattr(os, "SCHED_BATCH", None)
     if policy is None:
+        log.info("this platform has no SCHED_BATCH: the event loop thread keeps the default policy")
         return False
     try:
         os.sched_setscheduler(0, policy, os.sched_param(0))  # 0: the calling thread

@@ -697,7 +697,7 @@ def _stages() -> dict[str, list[str]]:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        match = re.match(r"FROM\s+\S+\s+AS\s+(\S+)", line, re.IGNORECASE)
+        match = re.match(r"FROM\s+(?:--platform=\S+\s+)?\S+\s+AS\s+(\S+)", line, re.IGNORECASE)
         if match:
             current = stages.setdefault(match.group(1), [])
         current.append(line)

@@ -4,13 +4,20 @@
 narrows it) and its cgroup's CPU limit. A Kubernetes or Docker CPU limit is a quota, not an affinity
 mask: counted from the cores alone, a pod limited to 2 CPUs on a 64-core node would start 65
 inference threads per model.
+
+Both readings fail soft, whatever the machine (x86-64, arm64 boards and servers, an emulator): a mask
+that cannot be read falls back to ``os.cpu_count()``, and a cgroup file that is missing, unreadable
+or not in the expected format counts as no limit; each logs why.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def cpu_count() -> int:
@@ -18,8 +25,11 @@ def cpu_count() -> int:
     cgroup's CPU limit, rounded up."""
     try:
         cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not on Linux
+    except AttributeError:  # not on Linux
         cpus = os.cpu_count() or 1
+    except OSError as exc:  # a sandbox (seccomp) or an emulator that refuses the call
+        cpus = os.cpu_count() or 1
+        log.warning("cannot read this process's CPU affinity (%s): counting the %d cores", exc, cpus)
     limit = cgroup_cpu_limit()
     if limit is not None:
         cpus = min(cpus, math.ceil(limit))
@@ -37,11 +47,18 @@ def cgroup_cpu_limit(
     """
     try:
         lines = proc_cgroup.read_text().splitlines()
-    except OSError:
+    except FileNotFoundError:  # no cgroups (not Linux, or no /proc in a bare chroot)
+        return None
+    except OSError as exc:
+        log.warning("cannot read %s (%s): no cgroup CPU limit applied", proc_cgroup, exc)
         return None
     limits = []
     for line in lines:
-        _, controllers, path = line.split(":", 2)
+        fields = line.split(":", 2)
+        if len(fields) != 3:
+            log.warning("unexpected line in %s, skipped: %r", proc_cgroup, line)
+            continue
+        _, controllers, path = fields
         if controllers == "":
             mount = root
         elif "cpu" in controllers.split(","):
@@ -65,8 +82,16 @@ def _cpu_quota(group: Path, *, v2: bool) -> float | None:
         else:
             quota = (group / "cpu.cfs_quota_us").read_text().strip()
             period = (group / "cpu.cfs_period_us").read_text().strip()
-        if quota in ("max", "-1"):
-            return None
-        return int(quota) / int(period)
-    except (OSError, ValueError, ZeroDivisionError):
+    except FileNotFoundError:  # this level of the hierarchy sets no limit, or is not visible here
         return None
+    except (OSError, ValueError) as exc:  # unreadable, or not "QUOTA PERIOD"
+        log.warning("cannot read the CPU limit in %s (%s): ignored", group, exc)
+        return None
+    if quota in ("max", "-1"):
+        return None
+    try:
+        limit = int(quota) / int(period)
+    except (ValueError, ZeroDivisionError) as exc:
+        log.warning("unexpected CPU limit %r / %r in %s (%s): ignored", quota, period, group, exc)
+        return None
+    return limit if limit > 0 else None
