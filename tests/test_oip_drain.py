@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import signal
 
+import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
@@ -46,8 +47,16 @@ def test_sigterm_answers_the_calls_in_flight_refuses_new_ones_and_exits_0(fake_r
                     asyncio.ensure_future(client.infer(MODEL, [image_input(heavy)], client_timeout=60))
                     for _ in range(IN_FLIGHT)
                 ]
-                # The first answer means every call has reached the server, which is mid-load.
-                await asyncio.wait(calls, return_when=asyncio.FIRST_COMPLETED)
+                # Every call has reached the server (admitted: answered or in progress), which is mid-load.
+                # (A first answer alone does not say so: on a busy machine the last calls may still be
+                # on their way, and a call that arrives after SIGTERM is refused, not answered.)
+                async with httpx.AsyncClient(base_url=service.url) as http:
+                    while True:
+                        entry = (await http.get(f"/models/{MODEL}")).json()
+                        answered = sum(call.done() for call in calls)
+                        if answered and answered + entry["batching"]["in_progress"] >= IN_FLIGHT:
+                            break
+                        await asyncio.sleep(0.005)
                 service.process.send_signal(signal.SIGTERM)
                 await asyncio.sleep(0.3)  # uvicorn notices the signal within its 0.1 s tick
                 refusals = []
