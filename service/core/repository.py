@@ -254,10 +254,11 @@ class ModelRepository:
         if self._stopping:
             raise LoadError(f"cannot load {shown(name)}: the server is shutting down")
         if name not in self.models:
-            if name not in discover(self._settings.model_repository):
+            held = discover(self._settings.model_repository)
+            if name not in held:
                 raise LoadError(
                     f"cannot load {shown(name)}: the repository {self._settings.model_repository} "
-                    f"has no such model (it holds: {', '.join(discover(self._settings.model_repository))})"
+                    f"has no such model (it holds: {', '.join(held)})"
                 )
             self._add(name)
         running = self._loads.get(name)
